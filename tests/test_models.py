@@ -1,0 +1,113 @@
+"""Model factory: tiny causal LMs built here load back and generate; the packaged embedder works offline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from actors.config import ModelConfig
+from actors.models import (
+    build_causal_lm,
+    check_model_dir,
+    ensure_policy,
+    load_causal_lm,
+    load_embedder,
+    minilm_tokenizer,
+    train_bpe_tokenizer,
+)
+
+CORPUS = [
+    "Mira Tovenka was born in Kalovren in 1954.",
+    "Dravel Systems was founded by Mira Tovenka in 1987.",
+    "Kalovren is a city in Sarelia.",
+    "Where was the founder of Dravel Systems born?",
+] * 40
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return train_bpe_tokenizer(CORPUS, vocab_size=300, max_token_chars=4)
+
+
+def test_bpe_pieces_are_short_and_cover_unseen_names(bpe):
+    vocab = bpe.get_vocab()
+    learned = [piece for piece, index in vocab.items() if index >= len(bpe.all_special_ids) + 256]
+    assert learned and max(len(piece.lstrip("Ġ")) for piece in learned) <= 4
+    unseen = "Tovmira Kalsys"  # a new name from seen syllables
+    ids = bpe(unseen, add_special_tokens=False)["input_ids"]
+    assert bpe.unk_token_id not in ids
+    assert bpe.decode(ids) == unseen  # byte-level: exact round trip
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_built_model_loads_and_generates_greedily(tmp_path, bpe, family):
+    cfg = ModelConfig(family=family, hidden_size=64, num_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                      intermediate_size=128, seed=3)
+    folder = build_causal_lm(cfg, bpe, tmp_path / family)
+    model, tokenizer = load_causal_lm(folder)
+    assert model.config.model_type == family and model.config.vocab_size == len(tokenizer)
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["Mira was", "Where was the founder"], return_tensors="pt", padding=True)
+    assert "token_type_ids" not in batch
+    first = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    again = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    assert first.shape == (2, batch["input_ids"].shape[1] + 4)
+    assert torch.equal(first, again)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat.endswith("<|assistant|>\n")
+
+
+def test_same_seed_same_weights(tmp_path, bpe):
+    cfg = ModelConfig(hidden_size=32, num_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64)
+    a, _ = load_causal_lm(build_causal_lm(cfg, bpe, tmp_path / "a"))
+    b, _ = load_causal_lm(build_causal_lm(cfg, bpe, tmp_path / "b"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_bad_sizes_and_paths_are_named(tmp_path, bpe):
+    with pytest.raises(ValueError, match="model.family='gpt9'"):
+        build_causal_lm(ModelConfig(family="gpt9"), bpe, tmp_path / "x")
+    with pytest.raises(ValueError, match="model.hidden_size=130"):
+        build_causal_lm(ModelConfig(hidden_size=130), bpe, tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        check_model_dir(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        check_model_dir(tmp_path / "empty")
+
+
+def test_ensure_policy_builds_once_then_reuses(tmp_path):
+    calls = []
+
+    def texts():
+        calls.append(1)
+        return CORPUS
+
+    cfg = ModelConfig(hidden_size=32, num_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+                      vocab_size=300)
+    first = ensure_policy(cfg, texts, tmp_path / "policy")
+    second = ensure_policy(cfg, texts, tmp_path / "policy")
+    assert first == second and calls == [1]
+    assert ensure_policy(ModelConfig(path=str(first)), texts, tmp_path / "other") == first
+
+
+def test_minilm_wordpiece_tokenizer_drives_a_causal_lm(tmp_path):
+    tokenizer = minilm_tokenizer()
+    cfg = ModelConfig(hidden_size=32, num_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64)
+    model, loaded = load_causal_lm(build_causal_lm(cfg, tokenizer, tmp_path / "minilm"))
+    batch = loaded(["where was mira born"], return_tensors="pt")
+    assert "token_type_ids" not in batch
+    assert tokenizer.cls_token_id not in batch["input_ids"][0].tolist()  # no BERT [CLS] ... [SEP] wrapping
+    out = model.generate(**batch, max_new_tokens=2, do_sample=False)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 2
+
+
+def test_packaged_embedder_works_offline():
+    embedder = load_embedder()
+    vectors = embedder.encode(
+        ["Who founded the company?", "Which person started the firm?", "The river is cold in winter."],
+        normalize_embeddings=True,
+    )
+    assert vectors.shape == (3, 384)
+    similar, unrelated = float(vectors[0] @ vectors[1]), float(vectors[0] @ vectors[2])
+    assert similar > unrelated + 0.2
