@@ -56,12 +56,15 @@ def minilm_tokenizer(extra_tokens=()):
 
     It lower-cases (MiniLM is uncased), so decoded text loses capitals; BPE is the default for that reason.
     """
-    from tokenizers import processors
-    from transformers import AutoTokenizer
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
 
-    tokenizer = AutoTokenizer.from_pretrained(str(embedder_path()))
+    backend = Tokenizer.from_file(str(embedder_path() / "tokenizer.json"))
     # BERT wraps every text in [CLS] ... [SEP]; a causal LM continues text, so nothing is added around it.
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    backend.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    backend.no_truncation()
+    backend.no_padding()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
     tokenizer.add_special_tokens({"bos_token": BOS, "eos_token": EOS, "additional_special_tokens": ROLE_TOKENS})
     if extra_tokens:
         tokenizer.add_tokens(list(extra_tokens))

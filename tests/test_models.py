@@ -97,7 +97,7 @@ def test_minilm_wordpiece_tokenizer_drives_a_causal_lm(tmp_path):
     model, loaded = load_causal_lm(build_causal_lm(cfg, tokenizer, tmp_path / "minilm"))
     batch = loaded(["where was mira born"], return_tensors="pt")
     assert "token_type_ids" not in batch
-    assert tokenizer.cls_token_id not in batch["input_ids"][0].tolist()  # no BERT [CLS] ... [SEP] wrapping
+    assert tokenizer.convert_tokens_to_ids("[CLS]") not in batch["input_ids"][0].tolist()  # no BERT [CLS] ... [SEP] wrapping
     out = model.generate(**batch, max_new_tokens=2, do_sample=False)
     assert out.shape[1] == batch["input_ids"].shape[1] + 2
 
