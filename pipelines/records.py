@@ -124,7 +124,7 @@ def _same_length(*fields: str) -> Callable[[pa.Table], tuple[int, str] | None]:
 
     def check(table: pa.Table):
         lengths = [pc.list_value_length(table.column(f)) for f in fields]
-        for other, name in zip(lengths[1:], fields[1:]):
+        for other, name in zip(lengths[1:], fields[1:], strict=True):
             bad = pc.not_equal(lengths[0], other)
             if pc.any(bad).as_py():
                 row = pc.index(bad, True).as_py()

@@ -61,7 +61,7 @@ def test_same_seed_same_weights(tmp_path, bpe):
     cfg = ModelConfig(hidden_size=32, num_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64)
     a, _ = load_causal_lm(build_causal_lm(cfg, bpe, tmp_path / "a"))
     b, _ = load_causal_lm(build_causal_lm(cfg, bpe, tmp_path / "b"))
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
 def test_bad_sizes_and_paths_are_named(tmp_path, bpe):

@@ -1,0 +1,69 @@
+"""The main job: `python -m pipelines.run recipe=<name> key=value ...`.
+
+Today it prepares everything the recipes share — the world's datasets, the policy model and its tokenizer, token
+statistics measured with Ray Data — and writes a summary table. The EM stages plug in after `prepare`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from actors.models import ensure_policy
+from pipelines import config as _config  # noqa: F401  (registers the schema with Hydra)
+from pipelines.data.export import export_world, world_folders
+from pipelines.data.stats import token_stats
+from pipelines.data.world import WorldConfig, build_world
+from pipelines.jobs import start_job
+from pipelines.report import write_table
+
+log = logging.getLogger(__name__)
+
+RECIPES = ("exsearch",)
+
+
+def prepare(cfg: DictConfig, out) -> dict:
+    """World -> record folders -> policy folder -> token statistics. Each step is skipped when already done."""
+    if cfg.data.source != "synthetic":
+        raise ValueError(f"data.source={cfg.data.source!r}: the main job runs on the synthetic world for now")
+    started = time.perf_counter()
+    world_cfg = OmegaConf.to_object(cfg.data.world)
+    assert isinstance(world_cfg, WorldConfig)
+    world = build_world(world_cfg)
+    data_root = out / "data"
+    counts = export_world(world, data_root, OmegaConf.to_container(cfg.data.world, resolve=True))
+    print(f"[prepare] world written to {data_root} in {time.perf_counter() - started:.1f}s", flush=True)
+
+    policy = ensure_policy(cfg.model, world.texts, out / "policy")
+    print(f"[prepare] policy model at {policy}", flush=True)
+
+    kinds = {"documents": "document", "tools": None}
+    texts = {}
+    for name, folder in world_folders(data_root).items():
+        kind = kinds.get(name, "question" if name.startswith("questions") else "tool_task")
+        if kind is not None:
+            texts[name] = (folder, kind)
+    stats = token_stats(texts, policy)
+    rows = [{"dataset": name, "rows": counts[name], **{k: v for k, v in stats.get(name, {}).items() if k != "rows"}}
+            for name in counts]
+    write_table(rows, out, "datasets", title="Datasets prepared by the main job (token counts with the policy tokenizer)")
+    return {"policy": policy, "datasets": rows}
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    if cfg.recipe.name not in RECIPES:
+        raise ValueError(f"recipe.name={cfg.recipe.name!r} is not one of {RECIPES}")
+    out, _ = start_job(cfg)
+    result = prepare(cfg, out)
+    from pipelines.report import markdown_table
+
+    print(markdown_table(result["datasets"]), flush=True)
+    print(f"Results in {out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Hydra configuration: the default composes, and mistakes fail at start with the key named."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import pipelines.config  # noqa: F401  (registers the schema)
+from tests.conftest import REPO
+
+CONF = str(REPO / "conf")
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_default_config_composes_with_typed_groups():
+    cfg = _compose()
+    assert cfg.recipe.name == "exsearch"
+    assert cfg.engine.backend == "hf"
+    assert cfg.model.family == "llama" and cfg.model.path is None
+    assert cfg.data.world.seed == cfg.seed  # interpolated
+    assert OmegaConf.get_type(cfg.cluster).__name__ == "ClusterConfig"
+
+
+@pytest.mark.parametrize("group,choice,key,value", [
+    ("engine", "vllm", "backend", "vllm"),
+    ("model", "tiny_qwen2", "family", "qwen2"),
+    ("retriever", "bm25", "kind", "bm25"),
+])
+def test_group_choices_switch_components(group, choice, key, value):
+    cfg = _compose(f"{group}={choice}")
+    assert cfg[group][key] == value
+
+
+def test_misspelt_key_is_named():
+    with pytest.raises(Exception) as caught:
+        _compose("cluster.adress=10.0.0.1:6379")
+    assert "adress" in str(caught.value) or "adress" in str(caught.value.__cause__)
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(Exception) as caught:
+        _compose("trainer.lr=fast")
+    text = f"{caught.value} {caught.value.__cause__}"
+    assert "trainer.lr" in text or "lr" in text and "fast" in text
+
+
+def test_cli_rejects_a_typo_before_doing_any_work():
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.run", "trainer.learning_rate=1e-3"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode != 0
+    assert "learning_rate" in done.stderr + done.stdout
+    assert "Ray" not in done.stdout  # failed before connecting
+    assert time.perf_counter() - started < 60
