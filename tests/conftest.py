@@ -41,3 +41,30 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory):
+    """A small Llama (random init) with a BPE trained on a small synthetic world: the model every engine test uses."""
+    from actors.config import ModelConfig
+    from actors.models import build_causal_lm, train_bpe_tokenizer
+    from pipelines.data.world import WorldConfig, build_world
+
+    world = build_world(WorldConfig(people_per_split=20, companies_per_split=10, cities_per_split=8,
+                                    train_questions=30, dev_questions=10, test_questions=10))
+    tokenizer = train_bpe_tokenizer(world.texts(), vocab_size=400)
+    cfg = ModelConfig(hidden_size=64, num_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                      intermediate_size=128, max_position_embeddings=512, seed=1)
+    return build_causal_lm(cfg, tokenizer, tmp_path_factory.mktemp("tiny_policy"))
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_other(tiny_policy, tmp_path_factory):
+    """The same architecture and tokenizer with other weights: what a training step's checkpoint looks like."""
+    from actors.config import ModelConfig
+    from actors.models import build_causal_lm, load_causal_lm
+
+    _, tokenizer = load_causal_lm(tiny_policy)
+    cfg = ModelConfig(hidden_size=64, num_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                      intermediate_size=128, max_position_embeddings=512, seed=2)
+    return build_causal_lm(cfg, tokenizer, tmp_path_factory.mktemp("tiny_policy_other"))
