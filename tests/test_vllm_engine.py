@@ -14,7 +14,6 @@ import ray
 from actors.config import EngineConfig
 from actors.llm import EnginePool, LLMEngineCore, Sampling, start_engines
 
-
 PROMPTS = ["Where was the founder of", "Mira was born in", "Who founded", "In which country is"]
 TOLERANCE = 1e-4  # float32 on both sides
 
