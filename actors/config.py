@@ -115,3 +115,49 @@ class RetrieverConfig:
     """Times Ray restarts a dead Retriever actor (it reloads its shard from disk)."""
     max_task_retries: int = 2
     """Times Ray retries a search on a restarted actor: search is idempotent, so a retry is always safe."""
+
+
+@dataclass
+class SandboxConfig:
+    """ToolSandbox actors (actors/sandbox.py): how many, and the limits every untrusted program runs under."""
+
+    num_actors: int = 2
+    num_cpus: float = 0.25
+    """CPUs reserved per actor: programs are short and mostly wait, so fractional shares fit 2-core nodes."""
+    max_concurrency: int = 4
+    """Calls and programs one actor serves at once (a threaded actor; each program is its own process)."""
+    max_restarts: int = 3
+    """Times Ray restarts a dead sandbox actor; after that the pool starts a new one in its place."""
+    max_task_retries: int = 2
+    """Retries of a tool call on a restarted actor (validated tool calls are idempotent); programs never retry."""
+    isolation: str = "auto"
+    """`namespaces` (bubblewrap: no network, private file system and PIDs; fail if unavailable), `rlimits`
+    (resource limits and policy hooks only) or `auto` (namespaces when they work here, else rlimits, loudly)."""
+    policy_hooks: bool = True
+    """Python audit hooks inside the program that refuse files outside its directory, sockets and subprocesses
+    with a typed `forbidden` error. Readable errors, not the security boundary (the OS layer is)."""
+    wall_time_s: float = 10.0
+    """Wall-clock limit of one program (tool calls included)."""
+    cpu_time_s: float = 5.0
+    """CPU-time limit of one program (RLIMIT_CPU)."""
+    memory_mb: int = 512
+    """Address-space limit of the program's interpreter (RLIMIT_AS)."""
+    max_processes: int = 16
+    """Processes and threads the program may have (RLIMIT_NPROC, counted for a per-run user id)."""
+    max_open_files: int = 64
+    max_file_mb: int = 16
+    """Largest file a program may write (RLIMIT_FSIZE)."""
+    workdir_mb: int = 64
+    """Size of the private working directory (a tmpfs under namespaces)."""
+    max_output_bytes: int = 65536
+    """Per stream (stdout, stderr): a program that writes more is stopped with `output_too_large`."""
+    max_tool_calls: int = 1000
+    """Tool calls one program may make; later calls get a `forbidden` error."""
+    tool_timeout_s: float = 10.0
+    """Deadline of one tool call inside the actor."""
+    max_tool_output_chars: int = 65536
+    request_timeout_s: float = 30.0
+    """Pool-side deadline of a tool call (or batch); programs get `wall_time_s` plus this margin."""
+    uid_base: int = 200000
+    """When the actor runs as root, each program runs as user `uid_base + its pid` (so RLIMIT_NPROC applies to it
+    alone); 0 keeps root's uid (then the process limit is not enforced)."""

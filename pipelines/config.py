@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from actors.config import EngineConfig, ModelConfig, RetrieverConfig
+from actors.config import EngineConfig, ModelConfig, RetrieverConfig, SandboxConfig
 from cluster.config import ClusterConfig
 from pipelines.data.world import WorldConfig
 
@@ -37,17 +37,44 @@ class RecipeConfig:
 
 @dataclass
 class TrainerConfig:
-    """Ray Train settings shared by every objective."""
+    """Ray Train settings shared by every objective (pipelines/train.py)."""
 
+    objective: str = "sft"
+    """`sft`, `weighted_nll`, `dpo` or `token_dpo` (pipelines/objectives.py)."""
+    normalize: str = "token"
+    """NLL objectives: average over the global batch's masked tokens (`token`) or over sequences (`sequence`)."""
     num_workers: int = 1
     cpus_per_worker: float = 0.5
     """Fractional CPUs: a Ray Data stream feeding whole-CPU workers on a 2-core node deadlocks."""
     use_gpu: bool = False
+    placement_strategy: str = "PACK"
+    """Ray placement of the worker group: `PACK` (fewest nodes) or `SPREAD` (one per node where possible)."""
     lr: float = 2e-3
+    lr_schedule: str = "linear"
+    """`constant`, `linear` (decay to 0) or `cosine`, after `warmup_steps`."""
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
     batch_size: int = 16
+    """Sequences (or pairs) per optimizer step across all workers: the same training whatever the worker count."""
+    micro_batch_size: int = 8
+    """Sequences per forward pass on one worker; gradient accumulation covers the rest of the batch."""
     epochs: int = 1
     max_steps: int = -1
-    grad_accum: int = 1
+    """Stop after this many optimizer steps (-1 = run all epochs)."""
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    checkpoint_every: int = 0
+    """Save a checkpoint every N steps (0 = only at the end)."""
+    report_every: int = 50
+    """Send metrics to Ray Train every N steps (each report waits for the controller; the CSV still has every step)."""
+    max_failures: int = 2
+    """Worker-group restarts from the last checkpoint before the run fails."""
+    resume: bool = False
+    """Continue the run in the output folder from its last checkpoint."""
+    precision: str = "fp32"
+    """`fp32` or `bf16` (autocast)."""
+    threads: int = 1
     seed: int = 0
 
 
@@ -72,6 +99,7 @@ class ToolSeekConfig:
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     output_dir: str | None = None
     """Where a job writes; empty = Hydra's run directory (outputs/<date>/<time>)."""
     seed: int = 0
@@ -86,3 +114,36 @@ def register_configs() -> None:
 
 
 register_configs()
+
+
+@dataclass
+class EvaluateConfig:
+    """What `python -m pipelines.evaluate` measures (retrieval today; QA and tool calls share the job later)."""
+
+    use_instructions: bool = False
+    """Retrieval: send each query's instruction with it (`Instruct: ...\\nQuery: ...` for dense, prepended for BM25)."""
+    split: str = "test"
+    """Which qrels split of a BEIR folder, or which questions of the synthetic world."""
+    max_queries: int | None = None
+    """Evaluate at most this many queries (evenly spaced over the task, deterministic); empty = all of them."""
+    depth: int = 100
+    """Hits retrieved per query: the run file's depth and the deepest cut-off of the metrics."""
+    query_batch_size: int = 256
+    """Queries per search call to the Retriever actors (each call has retriever.request_timeout_s to answer)."""
+    shared_root: str | None = None
+    """The shared data folder with tools/ (for data.source=toolset); empty = ../shared/data beside the repo."""
+    run_name: str | None = None
+    """The run tag in the TREC run file; empty = `<kind>[-<index>][+instr]`."""
+
+
+@dataclass
+class EvaluateJobConfig(ToolSeekConfig):
+    """The evaluation job's root: every group of the main job's config plus the task and its settings."""
+
+    task: str = "retrieval"
+    """What to evaluate: `retrieval` (nDCG@k, Recall@k, MRR@10, MAP@100, C@k over a corpus and qrels)."""
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+EVALUATE_SCHEMA_NAME = "toolseek_evaluate_schema"
+ConfigStore.instance().store(name=EVALUATE_SCHEMA_NAME, node=EvaluateJobConfig)
