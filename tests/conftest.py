@@ -30,7 +30,7 @@ def ray_cluster():
     from cluster.config import ClusterConfig
     from cluster.connect import connect
 
-    info = connect(ClusterConfig(num_cpus=2, include_dashboard=False))
+    info = connect(ClusterConfig(num_cpus=2, include_dashboard=True))  # the state API (used by fault tests) needs it
     yield info
     ray.shutdown()
 

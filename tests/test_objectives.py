@@ -45,7 +45,7 @@ def test_dpo_by_hand_with_label_smoothing():
     ref_chosen, ref_rejected = torch.tensor([-4.0]), torch.tensor([-4.5])
     delta = (-3.0 + 4.0) - (-5.0 + 4.5)  # 1.5
     logsig = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
-    assert dpo(chosen, rejected, ref_chosen, ref_rejected, beta=0.5).item() == pytest.approx(-logsig(0.75))
+    assert dpo(chosen, rejected, ref_chosen, ref_rejected, beta=0.5).item() == pytest.approx(-logsig(0.5 * delta))
     smoothed = -(0.9 * logsig(0.75) + 0.1 * logsig(-0.75))
     assert dpo(chosen, rejected, ref_chosen, ref_rejected, 0.5, 0.1).item() == pytest.approx(smoothed)
 
