@@ -282,6 +282,7 @@ class PolicyTrainer:
         elapsed = time.perf_counter() - started
         metrics = {
             "step": self.step_index,
+            "time": time.time(),
             "epoch": (self.step_index - 1) // self.steps_per_epoch,
             "loss": float(summed[0]),
             "tokens": int(summed[1]),
@@ -517,8 +518,6 @@ def read_training_rows(folder: str | os.PathLike):
 
 
 def main_entry(cfg) -> TrainResult:
-    from omegaconf import OmegaConf
-
     from pipelines.jobs import start_job
     from pipelines.report import plot_curves
 
@@ -538,8 +537,7 @@ def main_entry(cfg) -> TrainResult:
         plot_curves(result.history, "step", ["loss"], out / "train_loss.png", title=f"{settings.objective} loss")
     summary = {"checkpoint": str(result.checkpoint), **{k: v for k, v in result.metrics.items()}}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(f"Checkpoint: {result.checkpoint}\nMetrics: {out / 'train_metrics.csv'}", flush=True)
-    OmegaConf.save(cfg, out / "config.yaml")
+    print(f"Checkpoint: {result.checkpoint}\nMetrics: {result.metrics_csv}", flush=True)
     return result
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,3 +182,38 @@ def test_checkpoint_is_an_engine_loadable_hf_folder(one_worker_run):
     assert len(out[0].completions[0].token_ids) >= 1
     assert (one_worker_run.checkpoint / "trainer_state.pt").is_file()
     assert torch.load(one_worker_run.checkpoint / "trainer_state.pt", weights_only=False)["step"] == 24
+
+
+def test_train_job_from_a_record_folder(ray_cluster, tiny_policy, tmp_path):
+    """`python -m pipelines.train` as composed by Hydra: validated records in, checkpoint + CSV + PNG out."""
+    from hydra import compose, initialize_config_dir
+
+    import pipelines.config  # noqa: F401
+    from pipelines import records
+    from pipelines.train import main_entry
+    from tests.conftest import REPO
+
+    samples = records.write_records(ROWS, tmp_path / "samples", "weighted_sample")
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=[
+            f"data.path={samples}", f"model.path={tiny_policy}", "trainer.objective=weighted_nll",
+            "trainer.batch_size=16", "trainer.micro_batch_size=8", f"output_dir={tmp_path / 'job'}",
+        ])
+    result = main_entry(cfg)
+    summary = json.loads((tmp_path / "job" / "train_summary.json").read_text())
+    assert summary["step"] == 4 and Path(summary["checkpoint"]) == result.checkpoint
+    assert (tmp_path / "job" / "train_loss.png").stat().st_size > 1000
+    bad = dict(ROWS[0], loss_mask=[1])
+    records_dir = tmp_path / "bad"
+    records_dir.mkdir()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    loose = pa.schema([f.with_nullable(True) for f in records.WEIGHTED_SAMPLE])
+    pq.write_table(pa.Table.from_pylist([ROWS[1], bad], schema=loose), records_dir / "part-00000.parquet")
+    records.write_manifest(records_dir, "weighted_sample", 2)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=[
+            f"data.path={records_dir}", f"model.path={tiny_policy}", f"output_dir={tmp_path / 'bad_job'}"])
+    with pytest.raises(records.RecordError, match=r"weighted_sample row 1 .*loss_mask has 1 entries"):
+        main_entry(cfg)
