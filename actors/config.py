@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -29,6 +29,10 @@ class ModelConfig:
     vocab_size: int = 1024
     max_token_chars: int = 4
     """Longest BPE piece: keeps names split into syllable-sized pieces that all occur in training."""
+    added_tokens: list[str] = field(default_factory=lambda: [
+        f"<{slash}{tag}>" for tag in ("think", "search", "record", "answer", "documents") for slash in ("", "/")
+    ])
+    """Tokens added whole to a built tokenizer: the agents' protocol tags (one token each)."""
     dtype: str = "float32"
     seed: int = 0
 

@@ -27,7 +27,7 @@ CHAT_TEMPLATE = (
 _FAMILIES = ("llama", "qwen2")
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1024, max_token_chars: int = 4, extra_tokens=()):
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1024, max_token_chars: int = 4, added_tokens=()):
     """A byte-level BPE trained on `texts`, with pieces of at most `max_token_chars` characters.
 
     Why short pieces: a tiny model can only copy an unseen entity name if every piece of it was seen in training
@@ -39,7 +39,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1024, max_token_
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    special = [PAD, BOS, EOS, UNK, *ROLE_TOKENS, *extra_tokens]
+    special = [PAD, BOS, EOS, UNK, *ROLE_TOKENS]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=special,
@@ -48,10 +48,10 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1024, max_token_
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    return _wrap(PreTrainedTokenizerFast(tokenizer_object=tokenizer))
+    return _wrap(PreTrainedTokenizerFast(tokenizer_object=tokenizer), added_tokens)
 
 
-def minilm_tokenizer(extra_tokens=()):
+def minilm_tokenizer(added_tokens=()):
     """The WordPiece tokenizer shipped with all-MiniLM-L6-v2, set up for a causal LM.
 
     It lower-cases (MiniLM is uncased), so decoded text loses capitals; BPE is the default for that reason.
@@ -66,17 +66,19 @@ def minilm_tokenizer(extra_tokens=()):
     backend.no_padding()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
     tokenizer.add_special_tokens({"bos_token": BOS, "eos_token": EOS, "additional_special_tokens": ROLE_TOKENS})
-    if extra_tokens:
-        tokenizer.add_tokens(list(extra_tokens))
-    return _wrap(tokenizer)
+    return _wrap(tokenizer, added_tokens)
 
 
-def _wrap(tokenizer):
+def _wrap(tokenizer, added_tokens=()):
+    """Shared set-up. `added_tokens` (an agent protocol's tags) become single, ordinary tokens: atomic, so a turn's
+    token spans split cleanly at tags, and not special, so decoding keeps them for the parser."""
     tokenizer.add_special_tokens({"pad_token": PAD, "bos_token": BOS, "eos_token": EOS, "unk_token": UNK})
     tokenizer.chat_template = CHAT_TEMPLATE
     # Causal LMs reject token_type_ids (BERT tokenizers return them by default).
     tokenizer.model_input_names = ["input_ids", "attention_mask"]
     tokenizer.init_kwargs["model_input_names"] = tokenizer.model_input_names  # saved with the tokenizer
+    if added_tokens:
+        tokenizer.add_tokens(list(added_tokens))
     return tokenizer
 
 
@@ -168,9 +170,9 @@ def ensure_policy(cfg: ModelConfig, texts: Callable[[], Iterable[str]], out_dir:
     if (out / "config.json").is_file():
         return out
     if cfg.tokenizer == "bpe":
-        tokenizer = train_bpe_tokenizer(texts(), cfg.vocab_size, cfg.max_token_chars)
+        tokenizer = train_bpe_tokenizer(texts(), cfg.vocab_size, cfg.max_token_chars, cfg.added_tokens)
     elif cfg.tokenizer == "minilm":
-        tokenizer = minilm_tokenizer()
+        tokenizer = minilm_tokenizer(cfg.added_tokens)
     else:
         raise ValueError(f"model.tokenizer={cfg.tokenizer!r} is not one of ('bpe', 'minilm')")
     return build_causal_lm(cfg, tokenizer, out)
