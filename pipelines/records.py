@@ -94,6 +94,9 @@ WEIGHTED_SAMPLE = pa.schema(
         _f("loss_mask", pa.list_(pa.int8())),
         _f("log_likelihood", pa.float32()),  # log p(gold answer | x, z) used for the weight
         _f("weight", pa.float32()),
+        _f("answer", pa.string(), nullable=True),  # what the sampled trajectory answered (None: it did not)
+        _f("correct", pa.bool_()),  # that answer matches a gold answer (exact match): rejection sampling keeps these
+        _f("valid", pa.bool_()),  # the trajectory followed the protocol to an answer
     ]
 )
 PREFERENCE_PAIR = pa.schema(

@@ -1,0 +1,245 @@
+"""The E-step at scale: Ray Data streams questions through agent actors that sample, score and weight trajectories.
+
+For each question x the current policy samples K ExSearch trajectories z_1..z_K (engine actors + retriever actors),
+the same policy scores log p(y | x, z_k) of the gold answer y written at the end of each trajectory (`score`, summed
+or averaged over the answer's tokens), and the importance weights are w_k = softmax_k(log p(y | x, z_k) / T) over the
+K samples *of that question only*. Each weighted sample is the trajectory up to its answer followed by the gold
+answer (ExSearch's choice: the M-step learns to reason towards, and then write, the right answer), with the loss mask
+of the trajectory (observations masked) and 1 on the gold answer.
+
+Output: `shard-NNNNN.parquet` files of `weighted_sample` records, each covering a fixed slice of the input examples,
+written atomically when the slice is complete, plus `manifest.json` at the end. A rerun skips finished shards, so
+an interrupted job resumes without duplicating or losing an example. Rows that cannot be used (no id, no question,
+no gold answer) go to `quarantine.jsonl` with the reason, and the job goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import records
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EStepConfig:
+    """Sampling and weighting of the E-step (Hydra: `recipe.estep`)."""
+
+    samples_per_question: int = 4
+    weight_temperature: float = 1.0
+    """Softmax temperature over a question's samples: higher flattens the weights towards uniform."""
+    score_reduce: str = "sum"
+    """How a gold answer's token logprobs become log p(y | x, z): `sum` (the likelihood) or `mean` (length-fair)."""
+    shard_size: int = 64
+    """Questions per output shard: the unit of resumption."""
+    batch_size: int = 16
+    """Questions per agent batch (one Ray Data batch; every round of it is one engine call)."""
+    concurrency: int = 1
+    """Agent actors in the Ray Data actor pool."""
+    seed: int = 0
+
+
+def softmax_weights(log_likelihoods: Sequence[float], temperature: float = 1.0) -> list[float]:
+    """Normalised importance weights of one question's samples (max-shifted, so very negative scores are safe)."""
+    if temperature <= 0:
+        raise ValueError(f"weight_temperature={temperature} must be > 0")
+    values = np.asarray(log_likelihoods, dtype=np.float64) / temperature
+    values = np.exp(values - values.max())
+    return (values / values.sum()).tolist()
+
+
+def weight_entropy(weights: Sequence[float]) -> float:
+    """Entropy of one question's weights in nats: log K when uniform, 0 when one sample takes all."""
+    return float(-sum(w * math.log(w) for w in weights if w > 0))
+
+
+def check_example(row: dict) -> str | None:
+    """Why a question row cannot be sampled, or None."""
+    if not row.get("id"):
+        return "field 'id' is missing or empty"
+    if not (row.get("question") or "").strip():
+        return "field 'question' is missing or empty"
+    answers = row.get("answers")
+    if not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+        return "field 'answers' has no non-empty gold answer"
+    return None
+
+
+class ExSearchSampler:
+    """A Ray Data actor UDF: one ExSearch agent over shared engine and retriever actors; batch in, weighted out."""
+
+    def __init__(self, engines: list, retriever: Any, model_path: str, agent: dict, estep: dict,
+                 timeout_s: float = 600.0):
+        from transformers import AutoTokenizer
+
+        from actors.llm import EnginePool
+        from agents.exsearch import ExSearchAgent, ExSearchConfig
+
+        self.pool = EnginePool(engines, timeout_s=timeout_s)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        self.agent = ExSearchAgent(self.pool, retriever, self.tokenizer, ExSearchConfig(**agent))
+        self.estep = EStepConfig(**estep)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from agents.exsearch import answer_scoring_pair
+        from pipelines.qa_metrics import exact_match
+
+        examples = batch.to_pylist()
+        k = self.estep.samples_per_question
+        seed = self.estep.seed + zlib.crc32(" ".join(e["id"] for e in examples).encode()) % 100_000
+        trajectories = self.agent.run(examples, samples=k, seed=seed)
+        pairs = [answer_scoring_pair(t, examples[i // k]["answers"][0], self.tokenizer, self.agent.cfg)
+                 for i, t in enumerate(trajectories)]
+        scores = self.pool.score(pairs)
+        reduce = np.mean if self.estep.score_reduce == "mean" else np.sum
+        log_likelihoods = [float(reduce(s)) for s in scores]
+        rows = []
+        for index, example in enumerate(examples):
+            group = range(index * k, (index + 1) * k)
+            weights = softmax_weights([log_likelihoods[i] for i in group], self.estep.weight_temperature)
+            for i, weight in zip(group, weights, strict=True):
+                t, (context, continuation) = trajectories[i], pairs[i]
+                kept = len(context) - len(t.prompt_ids)
+                rows.append({
+                    "example_id": example["id"],
+                    "sample_index": t.sample_index,
+                    "prompt_ids": t.prompt_ids,
+                    "token_ids": context[len(t.prompt_ids):] + continuation,
+                    "loss_mask": t.loss_mask[:kept] + [1] * len(continuation),
+                    "log_likelihood": log_likelihoods[i],
+                    "weight": weight,
+                    "answer": t.answer,
+                    "correct": bool(t.answer is not None and exact_match(t.answer, example["answers"])),
+                    "valid": t.valid,
+                })
+        return records.to_table(rows, "weighted_sample")
+
+
+@dataclass
+class EStepSummary:
+    examples: int
+    samples: int
+    quarantined: int
+    shards_written: int
+    shards_reused: int
+    valid_rate: float
+    correct_rate: float
+    mean_weight_entropy: float
+    tokens_per_s: float
+    seconds: float
+
+    def rows(self) -> list[dict]:
+        return [{"figure": key, "value": value} for key, value in asdict(self).items()]
+
+
+def _shard_path(folder: Path, index: int) -> Path:
+    return folder / f"shard-{index:05d}.parquet"
+
+
+def run_exsearch_estep(
+    examples: Sequence[dict],
+    out_dir: str | os.PathLike,
+    engines: list,
+    retriever: Any,
+    model_path: str | os.PathLike,
+    agent: dict | None = None,
+    estep: EStepConfig | None = None,
+    config: dict | None = None,
+) -> EStepSummary:
+    """Sample, score and weight K trajectories per example; resumable by shard. Returns the job's summary."""
+    import ray.data
+
+    started = time.perf_counter()
+    estep = estep or EStepConfig()
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    good, quarantined = [], []
+    for index, row in enumerate(examples):
+        problem = check_example(row)
+        if problem:
+            quarantined.append({"row": index, "id": row.get("id"), "reason": problem})
+        else:
+            good.append({"id": row["id"], "question": row["question"], "answers": list(row["answers"])})
+    with open(folder / "quarantine.jsonl", "w") as handle:
+        for item in quarantined:
+            handle.write(json.dumps(item) + "\n")
+    if quarantined:
+        log.warning("%d example(s) quarantined, see %s", len(quarantined), folder / "quarantine.jsonl")
+
+    shards = [good[i : i + estep.shard_size] for i in range(0, len(good), estep.shard_size)]
+    pending = [i for i in range(len(shards)) if not _shard_path(folder, i).exists()]
+    shard_of = {example["id"]: i for i in pending for example in shards[i]}
+    print(f"[E-step] {len(good)} questions x {estep.samples_per_question} samples: {len(pending)} of {len(shards)} "
+          f"shards to do", flush=True)
+    if pending:
+        todo = [example for i in pending for example in shards[i]]
+        dataset = ray.data.from_items(todo).map_batches(
+            ExSearchSampler,
+            fn_constructor_args=(list(engines), retriever, str(model_path), agent or {}, asdict(estep)),
+            batch_size=estep.batch_size,
+            batch_format="pyarrow",
+            concurrency=estep.concurrency,
+            num_cpus=0.1,  # the sampler mostly waits on engine and retriever actors
+        )
+        buffered: dict[int, list[pa.Table]] = {i: [] for i in pending}
+        counts = dict.fromkeys(pending, 0)
+        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            for example_id in set(batch.column("example_id").to_pylist()):
+                counts[shard_of[example_id]] += 1
+            for i in pending:
+                part = batch.filter(pa.compute.is_in(batch.column("example_id"),
+                                                     value_set=pa.array([e["id"] for e in shards[i]])))
+                if part.num_rows:
+                    buffered[i].append(part)
+                if counts[i] == len(shards[i]) and buffered[i]:
+                    _write_shard(folder, i, pa.concat_tables(buffered[i]))
+                    buffered[i] = []
+    table = pa.concat_tables([pq.read_table(_shard_path(folder, i)) for i in range(len(shards))]) if shards else None
+    total = table.num_rows if table is not None else 0
+    expected = len(good) * estep.samples_per_question
+    if total != expected:
+        raise RuntimeError(f"E-step output in {folder} holds {total} samples, expected {expected}")
+    records.write_manifest(folder, "weighted_sample", total, config,
+                           examples=len(good), quarantined=len(quarantined))
+    entropies, tokens = [], 0
+    if table is not None:
+        frame = table.select(["example_id", "weight", "valid", "correct"]).to_pandas()
+        entropies = frame.groupby("example_id")["weight"].apply(weight_entropy).tolist()
+        tokens = int(sum(len(x) for x in table.column("token_ids").to_pylist()))
+    seconds = time.perf_counter() - started
+    return EStepSummary(
+        examples=len(good),
+        samples=total,
+        quarantined=len(quarantined),
+        shards_written=len(pending),
+        shards_reused=len(shards) - len(pending),
+        valid_rate=float(table.column("valid").to_numpy().mean()) if total else 0.0,
+        correct_rate=float(table.column("correct").to_numpy().mean()) if total else 0.0,
+        mean_weight_entropy=float(np.mean(entropies)) if entropies else 0.0,
+        tokens_per_s=tokens / seconds if pending else 0.0,
+        seconds=seconds,
+    )
+
+
+def _write_shard(folder: Path, index: int, table: pa.Table) -> None:
+    """Write to a temporary name and rename: a shard file either exists complete or not at all."""
+    table = records.validate_table(table.sort_by([("example_id", "ascending"), ("sample_index", "ascending")]),
+                                   "weighted_sample", source=f"shard {index}")
+    final = _shard_path(folder, index)
+    temporary = final.with_suffix(".parquet.tmp")
+    pq.write_table(table, temporary)
+    os.replace(temporary, final)

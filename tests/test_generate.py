@@ -1,0 +1,92 @@
+"""The E-step on Ray Data with real engine and retriever actors: weights, resumption, quarantine, a killed engine."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pyarrow.compute as pc
+import pytest
+import ray
+
+from actors.config import EngineConfig, RetrieverConfig
+from actors.llm import start_engines
+from actors.retriever import ShardedRetriever, build_index_in_process
+from pipelines import records
+from pipelines.data.world import WorldConfig, build_world
+from pipelines.generate import EStepConfig, run_exsearch_estep, softmax_weights, weight_entropy
+
+AGENT = {"max_steps": 2, "max_tokens_per_turn": 16, "max_context_tokens": 512, "top_k": 2}
+
+
+def test_softmax_weights_and_entropy():
+    weights = softmax_weights([-1.0, -2.0, -1000.0])
+    assert sum(weights) == pytest.approx(1.0) and weights[0] > weights[1] > weights[2] >= 0
+    assert softmax_weights([-1.0, -2.0], temperature=1e6) == pytest.approx([0.5, 0.5], abs=1e-5)
+    assert weight_entropy([0.25] * 4) == pytest.approx(1.3862944) and weight_entropy([1.0, 0.0]) == 0.0
+    with pytest.raises(ValueError, match="weight_temperature=0"):
+        softmax_weights([0.0], temperature=0)
+
+
+@pytest.fixture(scope="module")
+def setting(ray_cluster, tiny_policy, tmp_path_factory):
+    world = build_world(WorldConfig(people_per_split=20, companies_per_split=10, cities_per_split=8,
+                                    train_questions=24, dev_questions=10, test_questions=10))
+    cfg = RetrieverConfig(kind="bm25", num_cpus=0.1)
+    index = build_index_in_process(world.documents(), cfg, tmp_path_factory.mktemp("index"))
+    retriever = ShardedRetriever.launch(index, cfg)
+    engines = start_engines(tiny_policy, EngineConfig(num_actors=2, num_cpus=0.25, max_model_len=512))
+    yield world, engines, retriever
+    for engine in engines:
+        ray.kill(engine)
+    retriever.close()
+
+
+def test_estep_weights_every_example_once_and_resumes(setting, tiny_policy, tmp_path):
+    world, engines, retriever = setting
+    questions = world.questions("train")[:10]
+    bad = dict(questions[0], id="q-broken", answers=[])
+    estep = EStepConfig(samples_per_question=3, shard_size=4, batch_size=4)
+    summary = run_exsearch_estep(questions + [bad], tmp_path, engines, retriever, tiny_policy, AGENT, estep)
+    assert (summary.examples, summary.samples, summary.quarantined, summary.shards_written) == (10, 30, 1, 3)
+    assert "q-broken" in (tmp_path / "quarantine.jsonl").read_text()
+    table = records.read_records(tmp_path, "weighted_sample")
+    ids = table.column("example_id").to_pylist()
+    assert sorted(set(ids)) == sorted(q["id"] for q in questions) and all(ids.count(i) == 3 for i in set(ids))
+    for example_id in set(ids):
+        group = table.filter(pc.equal(table.column("example_id"), example_id))
+        assert sum(group.column("weight").to_pylist()) == pytest.approx(1.0, abs=1e-5)
+        assert sorted(group.column("sample_index").to_pylist()) == [0, 1, 2]
+    row = table.slice(0, 1).to_pylist()[0]
+    assert row["loss_mask"][-1] == 1 and len(row["loss_mask"]) == len(row["token_ids"])
+    assert 0 <= summary.mean_weight_entropy <= 1.0986123 + 1e-6
+
+    (tmp_path / "shard-00001.parquet").unlink()  # as if the job died while writing shard 1
+    (tmp_path / "manifest.json").unlink()
+    again = run_exsearch_estep(questions + [bad], tmp_path, engines, retriever, tiny_policy, AGENT, estep)
+    assert (again.shards_written, again.shards_reused, again.samples) == (1, 2, 30)
+    resumed = records.read_records(tmp_path, "weighted_sample").column("example_id").to_pylist()
+    assert sorted(resumed) == sorted(ids)
+
+
+def test_a_killed_engine_does_not_lose_or_duplicate_examples(setting, tiny_policy, tmp_path):
+    world, engines, retriever = setting
+    questions = world.questions("train")[:16]
+    estep = EStepConfig(samples_per_question=2, shard_size=4, batch_size=2)
+    box: dict = {}
+
+    def job():
+        box["summary"] = run_exsearch_estep(questions, tmp_path, engines, retriever, tiny_policy, AGENT, estep)
+
+    thread = threading.Thread(target=job, daemon=True)
+    thread.start()
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("shard-*.parquet")) and time.time() < deadline:
+        time.sleep(0.05)
+    ray.kill(engines[0], no_restart=False)  # Ray restarts it; in-flight calls are retried
+    thread.join(timeout=300)
+    summary = box["summary"]
+    assert summary.samples == 32 and summary.shards_written == 4
+    ids = records.read_records(tmp_path, "weighted_sample").column("example_id").to_pylist()
+    assert sorted(set(ids)) == sorted(q["id"] for q in questions) and all(ids.count(i) == 2 for i in set(ids))
+    assert ray.get(engines[0].info.remote(), timeout=60)["backend"] == "hf"  # the restarted engine serves again
