@@ -83,7 +83,7 @@ def test_ray_train_matches_a_single_process_loop(one_worker_run, tiny_policy):
     assert [row["loss"] for row in one_worker_run.history] == pytest.approx(curve, abs=1e-6)
     assert _max_difference(_params(one_worker_run.checkpoint), local.base.state_dict()) < 1e-6
     assert curve[-1] < curve[0]  # it learns
-    assert one_worker_run.metrics_csv.read_text().startswith("step,epoch,loss,tokens")
+    assert one_worker_run.metrics_csv.read_text().startswith("step,time,epoch,loss,tokens")
 
 
 def test_two_workers_equal_one_worker_with_the_same_global_batch(one_worker_run, tiny_policy, tmp_path):
