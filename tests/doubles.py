@@ -44,3 +44,117 @@ def exsearch_oracle(questions: dict[str, dict], cfg) -> Callable[[str], str]:
         return demonstration_turns(record["decomposition"], record["answers"][0], cfg)[done]
 
     return next_turn
+
+
+def shown_passages(context: str, documents: dict[str, dict], documents_tag: str = "documents") -> dict[int, str]:
+    """Label -> document id of each passage in the last documents block of `context`, matched on its rendered start."""
+    block = context.rsplit(f"<{documents_tag}>", 1)[-1].split(f"</{documents_tag}>", 1)[0]
+    by_start = {f"{doc['title']}: {doc['text']}"[:80]: doc_id for doc_id, doc in documents.items()}
+    shown = {}
+    for line in block.splitlines():
+        match = re.match(r"\[(\d+)\] (.*)", line)
+        if match and match.group(2)[:80] in by_start:
+            shown[int(match.group(1))] = by_start[match.group(2)[:80]]
+    return shown
+
+
+def selector_oracle(questions: dict[str, dict], documents: dict[str, dict], k: int) -> Callable[[str], str]:
+    """A DRO selector that ranks the question's supporting passages first (in hop order), then the others by label."""
+
+    def next_turn(context: str) -> str:
+        record = questions[re.search(r"Question: (.*)\n", context).group(1)]
+        label_of = {doc_id: label for label, doc_id in shown_passages(context, documents).items()}
+        gold = [label_of[p] for p in record["supporting_passage_ids"] if p in label_of]
+        others = sorted(label for label in label_of.values() if label not in gold)
+        return " " + " > ".join(f"[{label}]" for label in (gold + others)[:k]) + "\n"
+
+    return next_turn
+
+
+def reader_oracle(questions: dict[str, dict], documents: dict[str, dict]) -> Callable[[str], str]:
+    """A generator that answers correctly exactly when every supporting passage is among the documents it was shown."""
+
+    def next_turn(context: str) -> str:
+        record = questions[re.search(r"Question: (.*)\n", context).group(1)]
+        shown = set(shown_passages(context, documents).values())
+        answer = record["answers"][0] if set(record["supporting_passage_ids"]) <= shown else "unknown"
+        return f"<answer>{answer}</answer>"
+
+    return next_turn
+
+
+def genground_oracle(questions: dict[str, dict], documents: dict[str, dict], cfg,
+                     guess: Callable[[dict], str] = lambda step: "Unknown") -> Callable[[str], str]:
+    """The next GenGround turn of a model whose own knowledge is wrong (`guess`) but which grounds faithfully.
+
+    Deduce: the next gold sub-question, with the previous hop's answer replaced by the answer the run *kept* (so an
+    unrevised wrong guess propagates), and a direct answer from `guess`. Ground: cite the hop's gold passage if the
+    current batch shows it, else say insufficient. Finish with the last kept answer.
+    """
+    from agents.genground import answer_text, deduction_text, grounding_text
+
+    question_close = cfg.tag(cfg.question_tag)[1]
+    ground_open, ground_close = cfg.tag(cfg.grounding_tag)
+    guess_open, guess_close = cfg.tag(cfg.guess_tag)
+
+    def kept_answer(context: str) -> str | None:
+        """The revised answer of the last hop if it was grounded, else its direct answer."""
+        last_hop = context.rsplit(question_close, 1)[-1]
+        cited = re.findall(re.escape(ground_open) + r"\[\d+\] (.*?)" + re.escape(ground_close), last_hop)
+        if cited:
+            return cited[-1]
+        guessed = re.findall(re.escape(guess_open) + r"(.*?)" + re.escape(guess_close), last_hop)
+        return guessed[-1] if guessed else None
+
+    def next_turn(context: str) -> str:
+        record = questions[re.search(r"Question: (.*)\n", context).group(1)]
+        steps = record["decomposition"]
+        hop = context.count(question_close)
+        if context.rstrip().endswith(f"</{cfg.documents_tag}>"):
+            shown = shown_passages(context, documents, cfg.documents_tag)
+            label_of = {doc_id: label for label, doc_id in shown.items()}
+            step = steps[hop - 1]
+            label = label_of.get(step["passage_id"])
+            return grounding_text(label, step["answer"], cfg)
+        if hop == len(steps):
+            return answer_text(kept_answer(context), cfg)
+        question = steps[hop]["question"]
+        if hop > 0:
+            question = question.replace(steps[hop - 1]["answer"], kept_answer(context))
+        return deduction_text(question, guess(steps[hop]), cfg)
+
+    return next_turn
+
+
+class TeacherForcedPolicy:
+    """A scripted model whose probabilities are a real engine's: where `next_turn` returns text, that turn is written
+    and its logprobs come from the engine's `score`; where it returns None, the engine samples the turn itself.
+
+    It lets real-engine tests reach states a random tiny model would not (a turn after retrieved documents) while
+    every logprob in the trajectory is still the real model's.
+    """
+
+    def __init__(self, engine, tokenizer, next_turn: Callable[[str], str | None]):
+        self.engine, self.tokenizer, self.next_turn = engine, tokenizer, next_turn
+        self.calls = 0
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling) -> list[Generation]:
+        self.calls += 1
+        texts = [self.next_turn(self.tokenizer.decode(list(ids), skip_special_tokens=True)) for ids in prompts]
+        free = [i for i, text in enumerate(texts) if text is None]
+        sampled = iter(self.engine.generate([prompts[i] for i in free], sampling) if free else [])
+        forced = [(i, list(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
+                  for i, text in enumerate(texts) if text is not None]
+        scores = iter(self.engine.score([(list(prompts[i]), tokens) for i, tokens in forced]) if forced else [])
+        forced_ids = dict(forced)
+        out = []
+        for i, (ids, text) in enumerate(zip(prompts, texts, strict=True)):
+            if text is None:
+                out.append(next(sampled))
+                continue
+            tokens = forced_ids[i]
+            stop = next((s for s in sampling.stop if text.endswith(s)), None)
+            completion = Completion(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), next(scores),
+                                    "stop" if stop else "length", stop)
+            out.append(Generation(list(ids), [completion]))
+        return out
