@@ -198,7 +198,7 @@ class HFBackend:
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if sampling.stop:
-            kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+            kwargs.update(stopping_criteria=[_StopOnText(self.tokenizer, sampling.stop, width)])
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device), **kwargs
@@ -239,6 +239,23 @@ class HFBackend:
                 [list(zip(idx.tolist(), val.tolist(), strict=True)) for idx, val in zip(indices, values, strict=True)]
             )
         return results
+
+
+class _StopOnText:
+    """Ends a row once its decoded continuation (special tokens skipped) contains a stop string.
+
+    transformers' own `stop_strings` matches raw token strings, special tokens included (a `<|system|>` token would
+    match the stop string "e"); vLLM matches detokenized text. This follows vLLM, and `finish` cuts at the same token.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...], prompt_width: int):
+        self.tokenizer, self.stop, self.width = tokenizer, stop, prompt_width
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        texts = self.tokenizer.batch_decode(input_ids[:, self.width :], skip_special_tokens=True)
+        return torch.tensor([any(s in text for s in self.stop) for text in texts], device=input_ids.device)
 
 
 def _eos_ids(model_config, tokenizer) -> set[int]:
