@@ -214,3 +214,34 @@ def demonstration_turns(decomposition: Sequence[dict], answer: str, cfg: ExSearc
     record = f"{record_open}{previous}{record_close}" if previous is not None else ""
     turns.append(f"{record}{answer_open}{answer}{answer_close}")
     return turns
+
+
+class DemonstrationPolicy:
+    """A scripted policy that writes the gold run of each question: the warm start's demonstrations.
+
+    It plays the model's part only — the retriever, the observations and the trajectory bookkeeping are the real
+    agent's — so a demonstration has exactly the token layout (and the retrieved passages) a sampled run would have.
+    Questions are recognised by their prompt; the turn to write is chosen by the searches already made.
+    """
+
+    def __init__(self, tokenizer, questions: Sequence[dict], cfg: ExSearchConfig):
+        self.tokenizer, self.cfg = tokenizer, cfg
+        self.turns = {
+            tuple(tokenizer(cfg.prompt_template.format(question=q["question"]))["input_ids"]):
+                demonstration_turns(q["decomposition"], q["answers"][0], cfg)
+            for q in questions
+        }
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Any) -> list:
+        from actors.llm import Completion, Generation
+
+        search_close = self.cfg.tag(self.cfg.search_tag)[1]
+        out = []
+        for ids in prompts:
+            ids = list(ids)
+            turns = next(t for prompt, t in self.turns.items() if tuple(ids[: len(prompt)]) == prompt)
+            done = self.tokenizer.decode(ids, skip_special_tokens=True).count(search_close)
+            text = turns[min(done, len(turns) - 1)]
+            tokens = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            out.append(Generation(ids, [Completion(tokens, text, [0.0] * len(tokens), "stop")]))
+        return out

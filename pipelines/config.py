@@ -12,8 +12,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from actors.config import EngineConfig, ModelConfig, RetrieverConfig, SandboxConfig
+from agents.exsearch import ExSearchConfig
 from cluster.config import ClusterConfig
 from pipelines.data.world import WorldConfig
+from pipelines.generate import EStepConfig
 
 
 @dataclass
@@ -28,11 +30,28 @@ class DataConfig:
 
 @dataclass
 class RecipeConfig:
-    """What the main job does with the data and the model (the method being run)."""
+    """What the main job does with the data and the model (the method being run): `conf/recipe/<name>.yaml`."""
 
     name: str = MISSING
     iterations: int = 3
     """EM (or preference) iterations after the warm start."""
+    variants: list[str] = field(default_factory=lambda: ["importance", "uniform"])
+    """M-steps run side by side from the same warm start: `importance` (weighted NLL), `uniform` (plain SFT on every
+    sample), `rejection` (SFT on the samples that reached the gold answer)."""
+    warm_start_questions: int = 80
+    """Training questions whose scripted gold runs form the warm start's demonstrations."""
+    warm_start_steps: int = 300
+    warm_start_lr: float = 3e-3
+    estep_questions: int = 200
+    """Training questions (disjoint from the demonstrations) sampled in every E-step."""
+    dev_questions: int = 100
+    """Held-out questions that decide whether an iteration's checkpoint is kept."""
+    eval_questions: int = 300
+    """Held-out test questions of the results table."""
+    keep_best: bool = True
+    """Keep an iteration's checkpoint only if dev EM did not fall (the loop is unstable at a constant LR)."""
+    agent: ExSearchConfig = field(default_factory=ExSearchConfig)
+    estep: EStepConfig = field(default_factory=EStepConfig)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The main job: `python -m pipelines.run recipe=<name> key=value ...`.
 
-Today it prepares everything the recipes share — the world's datasets, the policy model and its tokenizer, token
-statistics measured with Ray Data — and writes a summary table. The EM stages plug in after `prepare`.
+`prepare` builds what every recipe shares — the world's datasets, the policy model and its tokenizer, token
+statistics measured with Ray Data — then the recipe runs (pipelines/recipes/): `exsearch` (the default) is the warm
+start plus generalized EM with its ablations, ending in results.md / results.csv and learning-curve PNGs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pipelines.data.export import export_world, world_folders
 from pipelines.data.stats import token_stats
 from pipelines.data.world import WorldConfig, build_world
 from pipelines.jobs import start_job
-from pipelines.report import write_table
+from pipelines.report import markdown_table, write_table
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def prepare(cfg: DictConfig, out) -> dict:
     rows = [{"dataset": name, "rows": counts[name], **{k: v for k, v in stats.get(name, {}).items() if k != "rows"}}
             for name in counts]
     write_table(rows, out, "datasets", title="Datasets prepared by the main job (token counts with the policy tokenizer)")
-    return {"policy": policy, "datasets": rows}
+    return {"policy": policy, "datasets": rows, "world": world}
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
@@ -58,10 +59,12 @@ def main(cfg: DictConfig) -> None:
     if cfg.recipe.name not in RECIPES:
         raise ValueError(f"recipe.name={cfg.recipe.name!r} is not one of {RECIPES}")
     out, _ = start_job(cfg)
-    result = prepare(cfg, out)
-    from pipelines.report import markdown_table
+    prepared = prepare(cfg, out)
+    print(markdown_table(prepared["datasets"]), flush=True)
+    if cfg.recipe.name == "exsearch":
+        from pipelines.recipes.exsearch import run_exsearch
 
-    print(markdown_table(result["datasets"]), flush=True)
+        run_exsearch(cfg, out, prepared)
     print(f"Results in {out}", flush=True)
 
 

@@ -1,0 +1,197 @@
+"""The ExSearch recipe: warm start on demonstrations, then generalized EM, with ablations side by side.
+
+    connect -> world -> index its passages -> demonstrations (the gold runs, written by a scripted policy over the
+    real retriever) -> SFT warm start -> for each M-step variant, for t in 1..T:
+        E-step (Ray Data: K samples per question, weights = softmax of log p(gold | x, z))
+        M-step (Ray Train: `weighted_nll` for `importance`; plain SFT on every sample for `uniform`; SFT on the
+                samples that reached the gold answer for `rejection`)
+        reload the engines, evaluate on held-out questions, keep the checkpoint only if dev EM did not fall
+    -> results.csv / results.md (one row per variant and iteration; iteration 0 = the warm start) + curves PNG.
+
+Every iteration writes `result.json` in its folder last; a rerun with `recipe.resume=true` (or just the same output
+folder) reuses finished iterations, so a stopped job continues at the first unfinished step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from omegaconf import DictConfig, OmegaConf
+
+from pipelines import records
+from pipelines.report import markdown_table, plot_curves, write_table
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("importance", "uniform", "rejection")
+
+
+def _done(folder: Path) -> dict | None:
+    path = folder / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _finish(folder: Path, result: dict) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "result.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def _split_train(questions: list[dict], warm: int, estep: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Demonstration questions and E-step questions: disjoint, so the loop learns from questions it never saw solved."""
+    order = list(questions)
+    random.Random(seed).shuffle(order)
+    return order[:warm], order[warm : warm + estep]
+
+
+def mstep_rows(table: pa.Table, variant: str) -> pa.Table:
+    """The M-step's training rows for a variant (what the ablations change, and nothing else)."""
+    if variant == "importance":
+        return table
+    if variant == "uniform":
+        return table.set_column(table.schema.get_field_index("weight"), "weight",
+                                pa.array([1.0] * table.num_rows, pa.float32()))
+    if variant == "rejection":
+        return table.filter(pc.equal(table.column("correct"), True))
+    raise ValueError(f"recipe.variants: {variant!r} is not one of {VARIANTS}")
+
+
+def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
+    from actors.llm import EnginePool, start_engines
+    from actors.retriever import ShardedRetriever
+    from agents.exsearch import DemonstrationPolicy, ExSearchAgent, ExSearchConfig
+    from pipelines.generate import EStepConfig, run_exsearch_estep
+    from pipelines.index import build_index
+    from pipelines.qa_eval import evaluate_exsearch
+    from pipelines.train import TrainSettings, run_training
+
+    recipe = cfg.recipe
+    world, policy = prepared["world"], Path(prepared["policy"])
+    agent_cfg = ExSearchConfig(**OmegaConf.to_container(recipe.agent, resolve=True))
+    estep_cfg = EStepConfig(**OmegaConf.to_container(recipe.estep, resolve=True))
+    started = time.perf_counter()
+
+    index = build_index(world.documents(), cfg.retriever, out / "index")
+    retriever = ShardedRetriever.launch(index, cfg.retriever)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(policy, local_files_only=True)
+    demo_questions, estep_questions = _split_train(world.questions("train"), recipe.warm_start_questions,
+                                                   recipe.estep_questions, cfg.seed)
+    dev = world.questions("dev")[: recipe.dev_questions]
+    test = world.questions("test")[: recipe.eval_questions]
+
+    # ---- warm start -----------------------------------------------------------------------------------------
+    warm_dir = out / "iter-00-warm-start"
+    warm = _done(warm_dir)
+    engines = None
+    if warm is None:
+        demos = ExSearchAgent(DemonstrationPolicy(tokenizer, demo_questions, agent_cfg), retriever, tokenizer,
+                              agent_cfg).run([{"id": q["id"], "question": q["question"]} for q in demo_questions])
+        rows = [{"prompt_ids": t.prompt_ids, "token_ids": t.token_ids, "loss_mask": t.loss_mask, "weight": 1.0}
+                for t in demos if t.valid]
+        records.write_records([t.to_record() for t in demos], warm_dir / "demonstrations", "trajectory")
+        settings = TrainSettings.from_config(cfg.trainer, policy, objective="sft", lr=recipe.warm_start_lr,
+                                             epochs=10_000, max_steps=recipe.warm_start_steps, lr_schedule="cosine")
+        print(f"[warm start] SFT on {len(rows)} demonstrations for {recipe.warm_start_steps} steps", flush=True)
+        trained = run_training(rows, settings, warm_dir, cfg.trainer.num_workers, cfg.trainer.cpus_per_worker,
+                               cfg.trainer.use_gpu, cfg.trainer.max_failures, resume=True, name="sft")
+        engines = start_engines(trained.checkpoint, cfg.engine)
+        agent = ExSearchAgent(EnginePool(engines, cfg.engine.request_timeout_s), retriever, tokenizer, agent_cfg)
+        dev_metrics, _ = evaluate_exsearch(agent, dev)
+        test_metrics, rows_out = evaluate_exsearch(agent, test)
+        write_table(rows_out, warm_dir, "test_answers")
+        warm = _finish(warm_dir, {"checkpoint": str(trained.checkpoint), "dev": dev_metrics, "test": test_metrics,
+                                  "demonstrations": len(rows)})
+    if engines is None:
+        engines = start_engines(warm["checkpoint"], cfg.engine)
+    pool = EnginePool(engines, cfg.engine.request_timeout_s)
+    agent = ExSearchAgent(pool, retriever, tokenizer, agent_cfg)
+    results = [{"variant": variant, "iteration": 0, **_row(warm)} for variant in recipe.variants]
+    print(markdown_table(results[:1]), flush=True)
+
+    # ---- EM iterations, one chain per variant ---------------------------------------------------------------
+    for variant in recipe.variants:
+        if variant not in VARIANTS:
+            raise ValueError(f"recipe.variants: {variant!r} is not one of {VARIANTS}")
+        current = warm
+        best_dev = warm["dev"]["em"]
+        for iteration in range(1, recipe.iterations + 1):
+            folder = out / f"iter-{iteration:02d}-{variant}"
+            result = _done(folder)
+            if result is None:
+                pool.reload(current["checkpoint"])
+                estep = replace_seed(estep_cfg, cfg.seed * 1000 + iteration)
+                questions = estep_questions
+                summary = run_exsearch_estep(questions, folder / "estep", engines, retriever, current["checkpoint"],
+                                             asdict(agent_cfg), estep, config={"variant": variant, "iteration": iteration})
+                table = mstep_rows(records.read_records(folder / "estep", "weighted_sample"), variant)
+                objective = "weighted_nll" if variant == "importance" else "sft"
+                settings = TrainSettings.from_config(cfg.trainer, current["checkpoint"], objective=objective)
+                print(f"[{variant} {iteration}] E-step: {summary.samples} samples, correct {summary.correct_rate:.1%}; "
+                      f"M-step ({objective}) on {table.num_rows} rows", flush=True)
+                if table.num_rows >= settings.batch_size:
+                    trained = run_training(table, settings, folder, cfg.trainer.num_workers,
+                                           cfg.trainer.cpus_per_worker, cfg.trainer.use_gpu, cfg.trainer.max_failures,
+                                           resume=True, name="mstep")
+                    checkpoint = str(trained.checkpoint)
+                else:  # rejection sampling can keep too little to train on: the policy stays as it was
+                    checkpoint = current["checkpoint"]
+                pool.reload(checkpoint)
+                dev_metrics, _ = evaluate_exsearch(agent, dev)
+                test_metrics, answers = evaluate_exsearch(agent, test)
+                write_table(answers, folder, "test_answers")
+                kept = not recipe.keep_best or dev_metrics["em"] >= best_dev
+                result = _finish(folder, {
+                    "checkpoint": checkpoint if kept else current["checkpoint"], "trained_checkpoint": checkpoint,
+                    "kept": kept, "dev": dev_metrics, "test": test_metrics,
+                    "estep": asdict(summary), "mstep_rows": table.num_rows,
+                })
+            if result["kept"]:
+                best_dev = max(best_dev, result["dev"]["em"])
+            current = result
+            results.append({"variant": variant, "iteration": iteration, **_row(result)})
+            print(markdown_table(results[-1:]), flush=True)
+    for engine in engines:
+        import ray
+
+        ray.kill(engine)
+    retriever.close()
+    report(results, out, time.perf_counter() - started)
+    return results
+
+
+def replace_seed(estep, seed: int):
+    from dataclasses import replace
+
+    return replace(estep, seed=seed)
+
+
+def _row(result: dict) -> dict:
+    test, dev = result["test"], result["dev"]
+    row = {"em": test["em"], "f1": test["f1"], "acc": test["acc"], "valid_rate": test["valid_rate"],
+           "mean_searches": test["mean_searches"], "dev_em": dev["em"], "kept": result.get("kept", True)}
+    if "estep" in result:
+        row.update(estep_correct=result["estep"]["correct_rate"], estep_valid=result["estep"]["valid_rate"],
+                   weight_entropy=result["estep"]["mean_weight_entropy"], mstep_rows=result["mstep_rows"])
+    return row
+
+
+def report(results: list[dict], out: Path, seconds: float) -> None:
+    """results.csv / results.md and one learning-curve PNG per metric (a line per variant)."""
+    write_table(results, out, "results", title=f"ExSearch: held-out test metrics per iteration ({seconds / 60:.1f} min)")
+    for metric in ("em", "f1"):
+        series = {}
+        for row in results:
+            series.setdefault(row["iteration"], {"iteration": row["iteration"]})[row["variant"]] = row[metric]
+        variants = list(dict.fromkeys(row["variant"] for row in results))
+        plot_curves(list(series.values()), "iteration", variants, out / f"curve_{metric}.png",
+                    title=f"held-out {metric.upper()} by iteration")
+    print(f"Results: {out / 'results.md'}", flush=True)
