@@ -374,7 +374,7 @@ class LLMEngineCore:
     """The engine without Ray: a backend plus a micro-batcher. `LLMEngine` is this class as a Ray actor."""
 
     def __init__(self, model_path: str, cfg: EngineConfig | dict, dtype: str = "float32"):
-        self.cfg = cfg if isinstance(cfg, EngineConfig) else EngineConfig(**cfg)
+        self.cfg = as_engine_config(cfg)
         if self.cfg.threads:
             import torch
 
@@ -518,8 +518,16 @@ def _as_sampling(sampling: Sampling | dict | None) -> Sampling:
 LLMEngine = ray.remote(LLMEngineCore)
 
 
-def start_engines(model_path: str | os.PathLike, cfg: EngineConfig, dtype: str = "float32") -> list:
+def as_engine_config(cfg: Any) -> EngineConfig:
+    """An EngineConfig from itself, a dict, or Hydra's DictConfig (the `engine` group)."""
+    if isinstance(cfg, EngineConfig):
+        return cfg
+    return EngineConfig(**{name: cfg[name] for name in EngineConfig.__dataclass_fields__ if name in cfg})
+
+
+def start_engines(model_path: str | os.PathLike, cfg: Any, dtype: str = "float32") -> list:
     """`cfg.num_actors` engine actors with the configured CPU/GPU shares; Ray restarts a crashed one."""
+    cfg = as_engine_config(cfg)
     options: dict[str, Any] = dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=cfg.max_restarts,
                                    max_task_retries=cfg.max_task_retries, max_concurrency=1000)
     if cfg.backend == "vllm":

@@ -18,7 +18,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -93,8 +93,10 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
     warm = _done(warm_dir)
     engines = None
     if warm is None:
-        demos = ExSearchAgent(DemonstrationPolicy(tokenizer, demo_questions, agent_cfg), retriever, tokenizer,
-                              agent_cfg).run([{"id": q["id"], "question": q["question"]} for q in demo_questions])
+        # a gold run searches once per hop: the demonstrations may need more steps than the agent is later allowed
+        demo_cfg = replace(agent_cfg, max_steps=max([agent_cfg.max_steps, *(q["hops"] for q in demo_questions)]))
+        demos = ExSearchAgent(DemonstrationPolicy(tokenizer, demo_questions, demo_cfg), retriever, tokenizer,
+                              demo_cfg).run([{"id": q["id"], "question": q["question"]} for q in demo_questions])
         rows = [{"prompt_ids": t.prompt_ids, "token_ids": t.token_ids, "loss_mask": t.loss_mask, "weight": 1.0}
                 for t in demos if t.valid]
         records.write_records([t.to_record() for t in demos], warm_dir / "demonstrations", "trajectory")
@@ -128,7 +130,7 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
             result = _done(folder)
             if result is None:
                 pool.reload(current["checkpoint"])
-                estep = replace_seed(estep_cfg, cfg.seed * 1000 + iteration)
+                estep = replace(estep_cfg, seed=cfg.seed * 1000 + iteration)
                 questions = estep_questions
                 summary = run_exsearch_estep(questions, folder / "estep", engines, retriever, current["checkpoint"],
                                              asdict(agent_cfg), estep, config={"variant": variant, "iteration": iteration})
@@ -166,12 +168,6 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
     retriever.close()
     report(results, out, time.perf_counter() - started)
     return results
-
-
-def replace_seed(estep, seed: int):
-    from dataclasses import replace
-
-    return replace(estep, seed=seed)
 
 
 def _row(result: dict) -> dict:
