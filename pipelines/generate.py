@@ -116,6 +116,7 @@ class ExSearchSampler:
                 kept = len(context) - len(t.prompt_ids)
                 rows.append({
                     "example_id": example["id"],
+                    "target": "policy",
                     "sample_index": t.sample_index,
                     "prompt_ids": t.prompt_ids,
                     "token_ids": context[len(t.prompt_ids):] + continuation,
@@ -160,11 +161,26 @@ def run_exsearch_estep(
     estep: EStepConfig | None = None,
     config: dict | None = None,
 ) -> EStepSummary:
-    """Sample, score and weight K trajectories per example; resumable by shard. Returns the job's summary."""
+    """Sample, score and weight K ExSearch trajectories per example; resumable by shard."""
+    estep = estep or EStepConfig()
+    return run_estep(examples, out_dir, ExSearchSampler,
+                     (list(engines), retriever, str(model_path), agent or {}, asdict(estep)), estep, config)
+
+
+def run_estep(
+    examples: Sequence[dict],
+    out_dir: str | os.PathLike,
+    sampler: type,
+    sampler_args: tuple,
+    estep: EStepConfig,
+    config: dict | None = None,
+) -> EStepSummary:
+    """Stream `examples` through a pool of `sampler(*sampler_args)` actors; write every finished slice of examples
+    as one shard; skip shards already written. The sampler turns a batch of examples into weighted-sample rows,
+    at least one per example (how a shard is known to be complete)."""
     import ray.data
 
     started = time.perf_counter()
-    estep = estep or EStepConfig()
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     good, quarantined = [], []
@@ -173,7 +189,8 @@ def run_exsearch_estep(
         if problem:
             quarantined.append({"row": index, "id": row.get("id"), "reason": problem})
         else:
-            good.append({"id": row["id"], "question": row["question"], "answers": list(row["answers"])})
+            good.append({"id": row["id"], "question": row["question"], "answers": list(row["answers"]),
+                         "supporting_passage_ids": list(row.get("supporting_passage_ids") or [])})
     with open(folder / "quarantine.jsonl", "w") as handle:
         for item in quarantined:
             handle.write(json.dumps(item) + "\n")
@@ -188,8 +205,8 @@ def run_exsearch_estep(
     if pending:
         todo = [example for i in pending for example in shards[i]]
         dataset = ray.data.from_items(todo).map_batches(
-            ExSearchSampler,
-            fn_constructor_args=(list(engines), retriever, str(model_path), agent or {}, asdict(estep)),
+            sampler,
+            fn_constructor_args=sampler_args,
             batch_size=estep.batch_size,
             batch_format="pyarrow",
             concurrency=estep.concurrency,
@@ -197,8 +214,10 @@ def run_exsearch_estep(
         )
         buffered: dict[int, list[pa.Table]] = {i: [] for i in pending}
         counts = dict.fromkeys(pending, 0)
+        seen: set[str] = set()
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-            for example_id in set(batch.column("example_id").to_pylist()):
+            for example_id in set(batch.column("example_id").to_pylist()) - seen:
+                seen.add(example_id)
                 counts[shard_of[example_id]] += 1
             for i in pending:
                 part = batch.filter(pa.compute.is_in(batch.column("example_id"),
@@ -210,9 +229,10 @@ def run_exsearch_estep(
                     buffered[i] = []
     table = pa.concat_tables([pq.read_table(_shard_path(folder, i)) for i in range(len(shards))]) if shards else None
     total = table.num_rows if table is not None else 0
-    expected = len(good) * estep.samples_per_question
-    if total != expected:
-        raise RuntimeError(f"E-step output in {folder} holds {total} samples, expected {expected}")
+    present = set(table.column("example_id").to_pylist()) if table is not None else set()
+    missing = [e["id"] for e in good if e["id"] not in present]
+    if missing:
+        raise RuntimeError(f"E-step output in {folder} lacks {len(missing)} example(s), e.g. {missing[:3]}")
     records.write_manifest(folder, "weighted_sample", total, config,
                            examples=len(good), quarantined=len(quarantined))
     entropies, tokens = [], 0
@@ -237,9 +257,95 @@ def run_exsearch_estep(
 
 def _write_shard(folder: Path, index: int, table: pa.Table) -> None:
     """Write to a temporary name and rename: a shard file either exists complete or not at all."""
-    table = records.validate_table(table.sort_by([("example_id", "ascending"), ("sample_index", "ascending")]),
+    table = records.validate_table(table.sort_by([("example_id", "ascending"), ("target", "ascending"),
+                                                  ("sample_index", "ascending")]),
                                    "weighted_sample", source=f"shard {index}")
     final = _shard_path(folder, index)
     temporary = final.with_suffix(".parquet.tmp")
     pq.write_table(table, temporary)
     os.replace(temporary, final)
+
+
+class DROSampler:
+    """A Ray Data actor UDF for DRO: sample m permutations per question from the selector, merge duplicates, score the
+    generator's log p(gold | x, selected documents) for each distinct one, and weight them with a softmax over the
+    question's distinct permutations. Each distinct permutation gives two rows with the same weight: the selector's
+    turn (`target=selector`) and the generator's answer from those documents (`target=generator`), so one M-step
+    trains both (one model plays both roles). A question whose samples were all invalid still yields a generator row
+    on the retriever's own order, weight 1, so the question counts as done."""
+
+    def __init__(self, engines: list, retriever: Any, model_path: str, selector: dict, estep: dict,
+                 timeout_s: float = 600.0):
+        from transformers import AutoTokenizer
+
+        from actors.llm import EnginePool
+        from agents.selector import SelectorAgent, SelectorConfig
+
+        self.pool = EnginePool(engines, timeout_s=timeout_s)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        self.agent = SelectorAgent(self.pool, retriever, self.tokenizer, SelectorConfig(**selector))
+        self.estep = EStepConfig(**estep)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from agents.selector import dedupe_permutations, generator_scoring_pair
+
+        examples = batch.to_pylist()
+        seed = self.estep.seed + zlib.crc32(" ".join(e["id"] for e in examples).encode()) % 100_000
+        selections = self.agent.select(examples, samples=self.estep.samples_per_question, seed=seed)
+        distinct = dedupe_permutations(selections)
+        by_example: dict[str, list] = {e["id"]: [] for e in examples}
+        for selection, count in distinct:
+            by_example[selection.example_id].append((selection, count))
+        cfg, k = self.agent.cfg, self.agent.cfg.k
+        fallback = {s.example_id: s for s in selections}
+        jobs = []  # (example, documents, selection or None)
+        for example in examples:
+            options = by_example[example["id"]]
+            if options:
+                jobs.extend((example, s.selected, s) for s, _ in options)
+            else:
+                jobs.append((example, fallback[example["id"]].documents[:k], None))
+        pairs = [generator_scoring_pair(e["question"], docs, e["answers"][0], self.tokenizer, cfg)
+                 for e, docs, _ in jobs]
+        reduce = np.mean if self.estep.score_reduce == "mean" else np.sum
+        log_likelihoods = [float(reduce(x)) for x in self.pool.score(pairs)]
+        rows = []
+        for example in examples:
+            group = [i for i, (e, _, _) in enumerate(jobs) if e["id"] == example["id"]]
+            weights = softmax_weights([log_likelihoods[i] for i in group], self.estep.weight_temperature)
+            gold = set(example.get("supporting_passage_ids") or [])
+            for i, weight in zip(group, weights, strict=True):
+                _, documents, selection = jobs[i]
+                recalled = bool(gold) and gold <= {str(d.get("id")) for d in documents}
+                context, continuation = pairs[i]
+                prompt_len = len(self.tokenizer(cfg.generator_template.format(question=example["question"]))["input_ids"])
+                common = {"example_id": example["id"], "log_likelihood": log_likelihoods[i], "weight": weight,
+                          "correct": recalled, "valid": selection is not None}
+                if selection is not None:
+                    t = selection.trajectory
+                    rows.append({**common, "target": "selector", "sample_index": t.sample_index,
+                                 "prompt_ids": t.prompt_ids, "token_ids": t.token_ids, "loss_mask": t.loss_mask,
+                                 "answer": t.answer})  # the normalised permutation, e.g. "[2] > [1]"
+                rows.append({**common, "target": "generator",
+                             "sample_index": selection.trajectory.sample_index if selection is not None else 0,
+                             "prompt_ids": context[:prompt_len], "token_ids": context[prompt_len:] + continuation,
+                             "loss_mask": [0] * (len(context) - prompt_len) + [1] * len(continuation),
+                             "answer": None})
+        return records.to_table(rows, "weighted_sample")
+
+
+def run_dro_estep(
+    examples: Sequence[dict],
+    out_dir: str | os.PathLike,
+    engines: list,
+    retriever: Any,
+    model_path: str | os.PathLike,
+    selector: dict | None = None,
+    estep: EStepConfig | None = None,
+    config: dict | None = None,
+) -> EStepSummary:
+    """The DRO E-step over `examples`; `correct_rate` in the summary is the share of rows whose documents hold every
+    supporting passage (the selector's Recall@K at the question level)."""
+    estep = estep or EStepConfig()
+    return run_estep(examples, out_dir, DROSampler,
+                     (list(engines), retriever, str(model_path), selector or {}, asdict(estep)), estep, config)

@@ -88,6 +88,7 @@ TRAJECTORY = pa.schema(
 WEIGHTED_SAMPLE = pa.schema(
     [
         _f("example_id", pa.string()),
+        _f("target", pa.string()),  # what the sample trains: `policy` (ExSearch), `selector` or `generator` (DRO)
         _f("sample_index", pa.int32()),
         _f("prompt_ids", TOKENS),
         _f("token_ids", TOKENS),

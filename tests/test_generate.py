@@ -90,3 +90,39 @@ def test_a_killed_engine_does_not_lose_or_duplicate_examples(setting, tiny_polic
     ids = records.read_records(tmp_path, "weighted_sample").column("example_id").to_pylist()
     assert sorted(set(ids)) == sorted(q["id"] for q in questions) and all(ids.count(i) == 2 for i in set(ids))
     assert ray.get(engines[0].info.remote(), timeout=60)["backend"] == "hf"  # the restarted engine serves again
+
+
+def test_dro_estep_merges_duplicate_permutations_and_weights_each_question(setting, tiny_policy, tmp_path):
+    import pyarrow as pa
+    from transformers import AutoTokenizer
+
+    from pipelines.generate import DROSampler, run_dro_estep
+    from tests.doubles import ScriptedPolicy
+
+    world, engines, retriever = setting
+    questions = world.questions("train")[:6]
+    selector = {"n_docs": 4, "k": 2, "max_context_tokens": 512}
+    estep = EStepConfig(samples_per_question=4, shard_size=3, batch_size=3)
+    summary = run_dro_estep(questions, tmp_path, engines, retriever, tiny_policy, selector, estep)
+    table = records.read_records(tmp_path, "weighted_sample")
+    assert sorted(set(table.column("example_id").to_pylist())) == sorted(q["id"] for q in questions)
+    assert summary.examples == 6 and set(table.column("target").to_pylist()) <= {"selector", "generator"}
+
+    # The same sampler with a scripted selector turn (the model's part only): two samples draw "[1] > [2]", two draw
+    # "[2] > [1]"; the real engine scores the generator. Duplicates merge, weights are a softmax over 2 permutations.
+    sampler = DROSampler(engines, retriever, str(tiny_policy), selector, {"samples_per_question": 4, "seed": 0})
+    turns = iter(["[1] > [2]\n", "[1] > [2]\n", "[2] > [1]\n", "[2] > [1]\n"] * 3)
+    sampler.agent.engine = ScriptedPolicy(AutoTokenizer.from_pretrained(tiny_policy), lambda context: next(turns))
+    rows = sampler(pa.Table.from_pylist([{"id": q["id"], "question": q["question"], "answers": q["answers"],
+                                          "supporting_passage_ids": q["supporting_passage_ids"]}
+                                         for q in questions[:3]])).to_pylist()
+    for q in questions[:3]:
+        chosen = [r for r in rows if r["example_id"] == q["id"] and r["target"] == "selector"]
+        generated = [r for r in rows if r["example_id"] == q["id"] and r["target"] == "generator"]
+        assert sorted(r["answer"] for r in chosen) == ["[1] > [2]", "[2] > [1]"]
+        assert sum(r["weight"] for r in chosen) == pytest.approx(1.0, abs=1e-5)
+        assert [r["weight"] for r in generated] == pytest.approx([r["weight"] for r in chosen])
+        first, second = generated
+        better = first if first["log_likelihood"] > second["log_likelihood"] else second
+        assert better["weight"] > 0.5  # the permutation under which the gold answer is likelier weighs more
+        assert all(r["loss_mask"][-1] == 1 and 0 in r["loss_mask"] for r in generated)

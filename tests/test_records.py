@@ -29,7 +29,7 @@ EXAMPLES = {
     "tool_spec": {"name": "lookup", "description": "Look up", "parameters": json.dumps({"type": "object"})},
     "tool_task": {"id": "tt-1", "split": "dev", "query": "q", "tools": ["lookup"], "gold_calls": "[]", "answer": "a"},
     "trajectory": TRAJECTORY,
-    "weighted_sample": {"example_id": "q-1", "sample_index": 0, "prompt_ids": [1], "token_ids": [2, 3],
+    "weighted_sample": {"example_id": "q-1", "target": "policy", "sample_index": 0, "prompt_ids": [1], "token_ids": [2, 3],
                         "loss_mask": [1, 1], "log_likelihood": -2.0, "weight": 0.25, "answer": "Kalovren",
                         "correct": True, "valid": True},
     "preference_pair": {"id": "p-1", "example_id": "q-1", "prompt_ids": [1], "chosen_ids": [4, 5, 6],

@@ -26,7 +26,7 @@ def _rows(n: int = 64, seed: int = 0) -> list[dict]:
     rows = []
     for i in range(n):
         tokens = [rng.randrange(10, 300) for _ in range(rng.randrange(3, 12))]
-        rows.append({"example_id": f"q-{i}", "sample_index": 0, "prompt_ids": [rng.randrange(10, 300) for _ in range(5)],
+        rows.append({"example_id": f"q-{i}", "target": "policy", "sample_index": 0, "prompt_ids": [rng.randrange(10, 300) for _ in range(5)],
                      "token_ids": tokens, "loss_mask": [int(rng.random() < 0.8) for _ in tokens],
                      "log_likelihood": -1.0, "weight": rng.random(), "answer": None, "correct": False,
                      "valid": True})
