@@ -603,6 +603,19 @@ def search_shards(cores: Sequence[SearchCore], queries: Sequence[str], k: int,
     return merge_hits([core.search(queries, k, instruction) for core in cores], k)
 
 
+class LocalRetriever:
+    """The in-process counterpart of ShardedRetriever (same `search`), for single-process runs, tests and baselines."""
+
+    def __init__(self, cores: Sequence[SearchCore]):
+        self.cores = list(cores)
+        self.calls = self.queries = 0  # batched calls and queries served: what agents' batching is judged by
+
+    def search(self, queries: Sequence[str], k: int, instruction: str | Sequence[str] | None = None) -> list[list[Hit]]:
+        self.calls += 1
+        self.queries += len(queries)
+        return search_shards(self.cores, queries, k, instruction)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Ray actors
 # ---------------------------------------------------------------------------------------------------------------------

@@ -68,3 +68,36 @@ def tiny_policy_other(tiny_policy, tmp_path_factory):
     cfg = ModelConfig(hidden_size=64, num_layers=2, num_attention_heads=2, num_key_value_heads=2,
                       intermediate_size=128, max_position_embeddings=512, seed=2)
     return build_causal_lm(cfg, tokenizer, tmp_path_factory.mktemp("tiny_policy_other"))
+
+
+@pytest.fixture(scope="session")
+def small_world():
+    """A small seeded world shared by the agent tests (every question answerable from its passages)."""
+    from pipelines.data.world import WorldConfig, build_world
+
+    return build_world(WorldConfig(people_per_split=20, companies_per_split=10, cities_per_split=8,
+                                   train_questions=30, dev_questions=20, test_questions=10))
+
+
+@pytest.fixture(scope="session")
+def bm25_cores(small_world, tmp_path_factory):
+    """The small world's passages in a real BM25 index, loaded in-process."""
+    from actors.config import RetrieverConfig
+    from actors.retriever import build_index_in_process, load_index
+
+    cfg = RetrieverConfig(kind="bm25")
+    return load_index(build_index_in_process(small_world.documents(), cfg, tmp_path_factory.mktemp("bm25")), cfg)
+
+
+@pytest.fixture
+def searcher(bm25_cores):
+    from actors.retriever import LocalRetriever
+
+    return LocalRetriever(bm25_cores)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_policy):
+    from actors.models import load_causal_lm
+
+    return load_causal_lm(tiny_policy)[1]

@@ -6,46 +6,25 @@ import asyncio
 
 import pytest
 
-from actors.config import EngineConfig, RetrieverConfig
+from actors.config import EngineConfig
 from actors.llm import LLMEngineCore
-from actors.models import load_causal_lm
-from actors.retriever import build_index_in_process, load_index, search_shards
 from agents.exsearch import ExSearchAgent, ExSearchConfig, answer_scoring_pair, parse_turn
 from pipelines import records
-from pipelines.data.world import WorldConfig, build_world
 from tests.doubles import ScriptedPolicy, exsearch_oracle
 
 CFG = ExSearchConfig(max_steps=5, top_k=2)
 
 
-class InProcessSearch:
-    def __init__(self, cores):
-        self.cores = cores
-
-    def search(self, queries, k):
-        return search_shards(self.cores, queries, k)
 
 
-@pytest.fixture(scope="module")
-def world():
-    return build_world(WorldConfig(people_per_split=20, companies_per_split=10, cities_per_split=8,
-                                   train_questions=30, dev_questions=20, test_questions=10))
 
 
-@pytest.fixture(scope="module")
-def searcher(world, tmp_path_factory):
-    cfg = RetrieverConfig(kind="bm25")
-    folder = build_index_in_process(world.documents(), cfg, tmp_path_factory.mktemp("index"))
-    return InProcessSearch(load_index(folder, cfg))
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_policy):
-    return load_causal_lm(tiny_policy)[1]
 
 
-def test_scripted_policy_reaches_the_gold_answer_on_multi_hop_questions(world, searcher, tokenizer):
-    questions = [q for q in world.questions("dev") if q["kind"] == "bridge" and q["hops"] in (2, 3)]
+def test_scripted_policy_reaches_the_gold_answer_on_multi_hop_questions(small_world, searcher, tokenizer):
+    questions = [q for q in small_world.questions("dev") if q["kind"] == "bridge" and q["hops"] in (2, 3)]
     oracle = ScriptedPolicy(tokenizer, exsearch_oracle({q["question"]: q for q in questions}, CFG))
     agent = ExSearchAgent(oracle, searcher, tokenizer, CFG)
     trajectories = agent.run([{"id": q["id"], "question": q["question"]} for q in questions])
@@ -57,8 +36,8 @@ def test_scripted_policy_reaches_the_gold_answer_on_multi_hop_questions(world, s
     assert oracle.calls == max(q["hops"] for q in questions) + 1  # lock-step rounds, not one call per question
 
 
-def test_masks_cover_model_tokens_and_exclude_every_observation(world, searcher, tokenizer):
-    q = next(q for q in world.questions("dev") if q["hops"] == 2)
+def test_masks_cover_model_tokens_and_exclude_every_observation(small_world, searcher, tokenizer):
+    q = next(q for q in small_world.questions("dev") if q["hops"] == 2)
     agent = ExSearchAgent(ScriptedPolicy(tokenizer, exsearch_oracle({q["question"]: q}, CFG)), searcher, tokenizer, CFG)
     t = agent.run([{"id": q["id"], "question": q["question"]}])[0]
     observations = [s for s in t.steps if s.role == "documents"]
@@ -103,7 +82,7 @@ def test_parse_turn_reads_think_record_and_action():
                                                                    "need founder")
 
 
-def test_real_engine_trajectories_rescore_to_their_sampling_logprobs(world, searcher, tiny_policy):
+def test_real_engine_trajectories_rescore_to_their_sampling_logprobs(small_world, searcher, tiny_policy):
     engine = LLMEngineCore(tiny_policy, EngineConfig(max_model_len=512))
 
     class Engine:
@@ -113,7 +92,7 @@ def test_real_engine_trajectories_rescore_to_their_sampling_logprobs(world, sear
     tokenizer = engine.backend.tokenizer
     cfg = ExSearchConfig(max_steps=2, max_tokens_per_turn=24, max_context_tokens=512)
     agent = ExSearchAgent(Engine(), searcher, tokenizer, cfg)
-    questions = world.questions("dev")[:4]
+    questions = small_world.questions("dev")[:4]
     runs = agent.run([{"id": q["id"], "question": q["question"]} for q in questions], samples=3, seed=5)
     assert len(runs) == 12 and [t.sample_index for t in runs[:3]] == [0, 1, 2]
     records.to_table([t.to_record() for t in runs], "trajectory")  # schema-valid whatever the random model wrote

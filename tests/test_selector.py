@@ -7,10 +7,8 @@ import math
 
 import pytest
 
-from actors.config import EngineConfig, RetrieverConfig
+from actors.config import EngineConfig
 from actors.llm import LLMEngineCore
-from actors.models import load_causal_lm
-from actors.retriever import build_index_in_process, load_index, search_shards
 from agents.selector import (
     SelectorAgent,
     SelectorConfig,
@@ -20,52 +18,29 @@ from agents.selector import (
     permutation_scoring_pair,
 )
 from pipelines import records
-from pipelines.data.world import WorldConfig, build_world
 from tests.doubles import ScriptedPolicy, TeacherForcedPolicy, reader_oracle, selector_oracle
 
 CFG = SelectorConfig(n_docs=6, k=3)
 
 
-class InProcessSearch:
-    def __init__(self, cores):
-        self.cores = cores
-        self.calls = 0
 
-    def search(self, queries, k):
-        self.calls += 1
-        return search_shards(self.cores, queries, k)
+
 
 
 @pytest.fixture(scope="module")
-def world():
-    return build_world(WorldConfig(people_per_split=20, companies_per_split=10, cities_per_split=8,
-                                   train_questions=30, dev_questions=20, test_questions=10))
+def documents(small_world):
+    return {doc["id"]: doc for doc in small_world.documents()}
 
 
 @pytest.fixture(scope="module")
-def documents(world):
-    return {doc["id"]: doc for doc in world.documents()}
+def questions(small_world):
+    return [q for q in small_world.questions("dev") if q["kind"] == "bridge" and q["hops"] in (2, 3)]
 
 
-@pytest.fixture(scope="module")
-def questions(world):
-    return [q for q in world.questions("dev") if q["kind"] == "bridge" and q["hops"] in (2, 3)]
 
 
-@pytest.fixture(scope="module")
-def index_cores(world, tmp_path_factory):
-    cfg = RetrieverConfig(kind="bm25")
-    return load_index(build_index_in_process(world.documents(), cfg, tmp_path_factory.mktemp("index")), cfg)
 
 
-@pytest.fixture
-def searcher(index_cores):
-    return InProcessSearch(index_cores)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_policy):
-    return load_causal_lm(tiny_policy)[1]
 
 
 def example(q):
