@@ -241,7 +241,7 @@ def run_estep(
         entropies = frame.groupby("example_id")["weight"].apply(weight_entropy).tolist()
         tokens = int(sum(len(x) for x in table.column("token_ids").to_pylist()))
     seconds = time.perf_counter() - started
-    return EStepSummary(
+    summary = EStepSummary(
         examples=len(good),
         samples=total,
         quarantined=len(quarantined),
@@ -253,6 +253,10 @@ def run_estep(
         tokens_per_s=tokens / seconds if pending else 0.0,
         seconds=seconds,
     )
+    from pipelines.report import markdown_table
+
+    print(f"[E-step] done: {folder}\n" + markdown_table(summary.rows()), flush=True)
+    return summary
 
 
 def _write_shard(folder: Path, index: int, table: pa.Table) -> None:

@@ -126,3 +126,48 @@ def test_dro_estep_merges_duplicate_permutations_and_weights_each_question(setti
         better = first if first["log_likelihood"] > second["log_likelihood"] else second
         assert better["weight"] > 0.5  # the permutation under which the gold answer is likelier weighs more
         assert all(r["loss_mask"][-1] == 1 and 0 in r["loss_mask"] for r in generated)
+
+
+def test_a_trajectory_that_reaches_the_gold_answer_outweighs_one_that_does_not(small_world, searcher, tiny_policy):
+    """With a policy trained (briefly, here) on gold runs, log p(gold | x, z) — the E-step's weight — is higher after
+    a run that found the right bridge entity than after one that recorded a wrong one."""
+    import asyncio
+
+    from actors.config import EngineConfig
+    from actors.llm import LLMEngineCore
+    from agents.exsearch import DemonstrationPolicy, ExSearchAgent, ExSearchConfig, answer_scoring_pair
+    from pipelines.train import PolicyTrainer, TrainSettings, example_from_row
+    from tests.doubles import ScriptedPolicy
+
+    cfg = ExSearchConfig(max_steps=4, top_k=1, doc_chars=120)
+    tokenizer = LLMEngineCore(tiny_policy, EngineConfig(max_model_len=512)).backend.tokenizer
+    train = [q for q in small_world.questions("train") if q["kind"] == "bridge" and q["hops"] == 2]
+    demos = ExSearchAgent(DemonstrationPolicy(tokenizer, train, cfg), searcher, tokenizer, cfg).run(
+        [{"id": q["id"], "question": q["question"]} for q in train])
+    rows = [{"prompt_ids": t.prompt_ids, "token_ids": t.token_ids, "loss_mask": t.loss_mask} for t in demos]
+    trainer = PolicyTrainer(TrainSettings(model_path=str(tiny_policy), objective="sft", batch_size=4,
+                                          micro_batch_size=4, epochs=1000, max_steps=150, lr=3e-3),
+                            [example_from_row(r, i, "sft") for i, r in enumerate(rows)])
+    for _ in range(trainer.total_steps):
+        trainer.step()
+    trained = trainer.save(tiny_policy.parent / "prefers_gold")
+    engine = LLMEngineCore(trained, EngineConfig(max_model_len=512))
+
+    q = train[0]
+
+    def run(record):  # a scripted run whose second search (and record) names `record` as the bridge entity
+        first, answer = q["decomposition"][0]["question"], q["answers"][0]
+        second = q["decomposition"][1]["question"].replace(q["decomposition"][0]["answer"], record)
+        turns = iter([f"<search>{first}</search>", f"<record>{record}</record><search>{second}</search>",
+                      f"<record>{answer}</record><answer>{answer}</answer>"])
+        agent = ExSearchAgent(ScriptedPolicy(tokenizer, lambda context: next(turns)), searcher, tokenizer, cfg)
+        return agent.run([{"id": q["id"], "question": q["question"]}])[0]
+
+    right, wrong = run(q["decomposition"][0]["answer"]), run("Nobody Atall")
+    pairs = [answer_scoring_pair(t, q["answers"][0], tokenizer, cfg) for t in (right, wrong)]
+    scores = [sum(s) for s in asyncio.run(engine.score(pairs))]
+    weights = softmax_weights(scores)
+    assert weights[0] > weights[1], (scores, weights)
+    untrained = LLMEngineCore(tiny_policy, EngineConfig(max_model_len=512))
+    before = [sum(s) for s in asyncio.run(untrained.score(pairs))]
+    assert scores[0] - scores[1] > before[0] - before[1] + 1.0  # the preference comes from training
