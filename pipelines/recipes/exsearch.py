@@ -105,7 +105,7 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
         print(f"[warm start] SFT on {len(rows)} demonstrations for {recipe.warm_start_steps} steps", flush=True)
         trained = run_training(rows, settings, warm_dir, cfg.trainer.num_workers, cfg.trainer.cpus_per_worker,
                                cfg.trainer.use_gpu, cfg.trainer.max_failures, resume=True, name="sft")
-        engines = start_engines(trained.checkpoint, cfg.engine)
+        engines = start_engines(trained.checkpoint, cfg.engine, cfg.model.dtype)
         agent = ExSearchAgent(EnginePool(engines, cfg.engine.request_timeout_s), retriever, tokenizer, agent_cfg)
         dev_metrics, _ = evaluate_exsearch(agent, dev)
         test_metrics, rows_out = evaluate_exsearch(agent, test)
@@ -113,7 +113,7 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
         warm = _finish(warm_dir, {"checkpoint": str(trained.checkpoint), "dev": dev_metrics, "test": test_metrics,
                                   "demonstrations": len(rows)})
     if engines is None:
-        engines = start_engines(warm["checkpoint"], cfg.engine)
+        engines = start_engines(warm["checkpoint"], cfg.engine, cfg.model.dtype)
     pool = EnginePool(engines, cfg.engine.request_timeout_s)
     agent = ExSearchAgent(pool, retriever, tokenizer, agent_cfg)
     results = [{"variant": variant, "iteration": 0, **_row(warm)} for variant in recipe.variants]
