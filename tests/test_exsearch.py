@@ -15,14 +15,6 @@ from tests.doubles import ScriptedPolicy, exsearch_oracle
 CFG = ExSearchConfig(max_steps=5, top_k=2)
 
 
-
-
-
-
-
-
-
-
 def test_scripted_policy_reaches_the_gold_answer_on_multi_hop_questions(small_world, searcher, tokenizer):
     questions = [q for q in small_world.questions("dev") if q["kind"] == "bridge" and q["hops"] in (2, 3)]
     oracle = ScriptedPolicy(tokenizer, exsearch_oracle({q["question"]: q for q in questions}, CFG))

@@ -23,10 +23,6 @@ from tests.doubles import ScriptedPolicy, TeacherForcedPolicy, genground_oracle
 CFG = GenGroundConfig(docs_per_batch=2, max_batches=2)
 
 
-
-
-
-
 @pytest.fixture(scope="module")
 def documents(small_world):
     return {doc["id"]: doc for doc in small_world.documents()}
@@ -35,12 +31,6 @@ def documents(small_world):
 @pytest.fixture(scope="module")
 def questions(small_world):
     return [q for q in small_world.questions("dev") if q["kind"] == "bridge" and q["hops"] in (2, 3)]
-
-
-
-
-
-
 
 
 def examples(questions):
