@@ -15,7 +15,6 @@ no gold answer) go to `quarantine.jsonl` with the reason, and the job goes on.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -31,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import records
+from pipelines.shards import plan_shards, shard_path, write_atomically, write_quarantine
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +147,6 @@ class EStepSummary:
         return [{"figure": key, "value": value} for key, value in asdict(self).items()]
 
 
-def _shard_path(folder: Path, index: int) -> Path:
-    return folder / f"shard-{index:05d}.parquet"
-
-
 def run_exsearch_estep(
     examples: Sequence[dict],
     out_dir: str | os.PathLike,
@@ -191,14 +187,8 @@ def run_estep(
         else:
             good.append({"id": row["id"], "question": row["question"], "answers": list(row["answers"]),
                          "supporting_passage_ids": list(row.get("supporting_passage_ids") or [])})
-    with open(folder / "quarantine.jsonl", "w") as handle:
-        for item in quarantined:
-            handle.write(json.dumps(item) + "\n")
-    if quarantined:
-        log.warning("%d example(s) quarantined, see %s", len(quarantined), folder / "quarantine.jsonl")
-
-    shards = [good[i : i + estep.shard_size] for i in range(0, len(good), estep.shard_size)]
-    pending = [i for i in range(len(shards)) if not _shard_path(folder, i).exists()]
+    write_quarantine(folder, quarantined, "example")
+    shards, pending = plan_shards(good, estep.shard_size, folder)
     shard_of = {example["id"]: i for i in pending for example in shards[i]}
     print(f"[E-step] {len(good)} questions x {estep.samples_per_question} samples: {len(pending)} of {len(shards)} "
           f"shards to do", flush=True)
@@ -227,7 +217,7 @@ def run_estep(
                 if counts[i] == len(shards[i]) and buffered[i]:
                     _write_shard(folder, i, pa.concat_tables(buffered[i]))
                     buffered[i] = []
-    table = pa.concat_tables([pq.read_table(_shard_path(folder, i)) for i in range(len(shards))]) if shards else None
+    table = pa.concat_tables([pq.read_table(shard_path(folder, i)) for i in range(len(shards))]) if shards else None
     total = table.num_rows if table is not None else 0
     present = set(table.column("example_id").to_pylist()) if table is not None else set()
     missing = [e["id"] for e in good if e["id"] not in present]
@@ -264,10 +254,7 @@ def _write_shard(folder: Path, index: int, table: pa.Table) -> None:
     table = records.validate_table(table.sort_by([("example_id", "ascending"), ("target", "ascending"),
                                                   ("sample_index", "ascending")]),
                                    "weighted_sample", source=f"shard {index}")
-    final = _shard_path(folder, index)
-    temporary = final.with_suffix(".parquet.tmp")
-    pq.write_table(table, temporary)
-    os.replace(temporary, final)
+    write_atomically(shard_path(folder, index), lambda path: pq.write_table(table, path))
 
 
 class DROSampler:

@@ -64,6 +64,7 @@ from actors.tools import (
     validate_call,
 )
 from pipelines import records
+from pipelines.shards import plan_shards, shard_path, write_atomically, write_quarantine
 
 log = logging.getLogger(__name__)
 
@@ -924,18 +925,8 @@ class TTPASummary:
         return rows + [{"figure": f"rejected error: {code}", "value": n} for code, n in self.rejected_errors.items()]
 
 
-def _shard_path(folder: Path, index: int) -> Path:
-    return folder / f"shard-{index:05d}.parquet"
-
-
 def _stats_path(folder: Path, index: int) -> Path:
     return folder / f"shard-{index:05d}.stats.json"
-
-
-def _replace(final: Path, write: Callable[[Path], None]) -> None:
-    temporary = final.with_name(final.name + ".tmp")
-    write(temporary)
-    os.replace(temporary, final)
 
 
 def _write_shard(folder: Path, index: int, outcomes: list[dict]) -> int:
@@ -948,8 +939,8 @@ def _write_shard(folder: Path, index: int, outcomes: list[dict]) -> int:
         errors.update(json.loads(outcome["rejected_errors"]))
     stats = {"tasks": len(outcomes), **{k: int(sum(o[k] for o in outcomes)) for k in _COUNTS},
              "margin_sum": float(sum(o["margin_sum"] for o in outcomes)), "rejected_errors": dict(errors)}  # fmt: skip
-    _replace(_stats_path(folder, index), lambda path: path.write_text(json.dumps(stats, indent=1)))
-    _replace(_shard_path(folder, index), lambda path: pq.write_table(table, path))
+    write_atomically(_stats_path(folder, index), lambda path: path.write_text(json.dumps(stats, indent=1)))
+    write_atomically(shard_path(folder, index), lambda path: pq.write_table(table, path))
     return table.num_rows
 
 
@@ -1005,14 +996,8 @@ def run_ttpa_generation(tasks: Sequence[Mapping], out_dir: str | os.PathLike, en
             continue
         seen.add(task["id"])
         good.append(task)
-    with open(folder / "quarantine.jsonl", "w") as handle:
-        for item in quarantined:
-            handle.write(json.dumps(item) + "\n")
-    if quarantined:
-        log.warning("%d task(s) quarantined, see %s", len(quarantined), folder / "quarantine.jsonl")
-
-    shards = [good[i : i + cfg.shard_size] for i in range(0, len(good), cfg.shard_size)]
-    pending = [i for i in range(len(shards)) if not _shard_path(folder, i).exists()]
+    write_quarantine(folder, quarantined, "task")
+    shards, pending = plan_shards(good, cfg.shard_size, folder)
     shard_of = {task["id"]: i for i in pending for task in shards[i]}
     print(f"[TTPA] {len(good)} tasks ({len(quarantined)} quarantined): {len(pending)} of {len(shards)} shards to do",
           flush=True)
@@ -1050,7 +1035,7 @@ def run_ttpa_generation(tasks: Sequence[Mapping], out_dir: str | os.PathLike, en
         totals.update({k: stats[k] for k in ("tasks", *_COUNTS)})
         margin_sum += stats["margin_sum"]
         errors.update(stats["rejected_errors"])
-    total = sum(pq.read_metadata(_shard_path(folder, i)).num_rows for i in range(len(shards)))
+    total = sum(pq.read_metadata(shard_path(folder, i)).num_rows for i in range(len(shards)))
     if totals["tasks"] != len(good) or total != totals["kept_branches"] + totals["kept_sampled"]:
         raise RuntimeError(f"TTPA output in {folder} covers {totals['tasks']} of {len(good)} tasks with {total} "
                            f"pairs, its stats say {totals['kept_branches'] + totals['kept_sampled']}")  # fmt: skip
