@@ -6,6 +6,7 @@ tiny random model happens to write. Everything around them — tokenizer, retrie
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Sequence
 
@@ -158,3 +159,89 @@ class TeacherForcedPolicy:
                                     "stop" if stop else "length", stop)
             out.append(Generation(list(ids), [completion]))
         return out
+
+
+# ---------------------------------------------------------------------------------------------------- tool agents
+
+ROLE_BANNER = re.compile(r"\[(\w+)\] Task: (.*)\n")
+
+
+def role_and_task(context: str, tasks: dict[str, dict]) -> tuple[str, dict]:
+    """Which tool-agent role a context belongs to (its `[role] Task: ...` banner) and the task it works on."""
+    match = ROLE_BANNER.search(context)
+    return match.group(1), tasks[match.group(2)]
+
+
+def last_instruction(context: str) -> str:
+    return re.findall(r"\nInstruction: (.*)\n", context)[-1]
+
+
+def conagents_oracle(tasks: dict[str, dict], program: Callable[[dict, int, str], str] | None = None,
+                     execution: Callable[[dict, str], str | None] | None = None) -> Callable[[str], str]:
+    """A ConAgents policy (all three roles) that plans the task's gold calls, writes each as told, relays each result.
+
+    Grounding plans the next gold call as "tool: <its arguments as JSON>" and answers with the last result it was
+    given; execution writes the call from the last instruction (so the arguments reach the sandbox only through the
+    grounding agent's words); observing copies a short response, and for a large one writes `program(task, step,
+    context)`. `execution(task, context)` may override an execution turn (None: the faithful call). Queries identify
+    the tasks.
+    """
+    from agents.toolcall import render_calls
+
+    def next_turn(context: str) -> str:
+        role, task = role_and_task(context, tasks)
+        gold = task["gold_calls"]
+        if role == "grounding":
+            step = context.count("</ground>")
+            if step < len(gold):
+                return f"<ground>{gold[step]['name']}: {json.dumps(gold[step]['arguments'])}</ground>"
+            return f"<answer>{re.findall(r'Result: (.*)', context)[-1]}</answer>"
+        if role == "execution":
+            override = execution(task, context) if execution else None
+            if override is not None:
+                return override
+            tool = re.findall(r"\nTool: (\w+)", context)[-1]
+            return render_calls([{"name": tool, "arguments": json.loads(last_instruction(context))}])
+        step = context.count("\nInstruction: ") - 1
+        shown = context.rsplit("\nInstruction: ", 1)[-1]
+        short = re.search(r"\nResponse: (.*)\n", shown)
+        if short and "characters of {" not in short.group(1):
+            return f"<extract>{short.group(1)}</extract>"
+        return f"<program>{program(task, step, context)}</program>"
+
+    return next_turn
+
+
+class FlakyTool:
+    """A real tool with injected faults: each distinct argument set fails its first `failures` calls."""
+
+    def __init__(self, function: Callable[..., str], failures: int = 1, message: str = "service unavailable"):
+        self.function, self.failures, self.message = function, failures, message
+        self.seen: dict[str, int] = {}
+
+    def __call__(self, **arguments) -> str:
+        key = json.dumps(arguments, sort_keys=True)
+        self.seen[key] = self.seen.get(key, 0) + 1
+        if self.seen[key] <= self.failures:
+            raise RuntimeError(f"{self.message} (attempt {self.seen[key]})")
+        return self.function(**arguments)
+
+
+class SyncEngine:
+    """A real `LLMEngineCore` behind the synchronous `generate` / `score` an agent calls (no Ray, no double)."""
+
+    def __init__(self, model_path, max_model_len: int = 512):
+        import asyncio
+
+        from actors.config import EngineConfig
+        from actors.llm import LLMEngineCore
+
+        self.core = LLMEngineCore(model_path, EngineConfig(max_model_len=max_model_len))
+        self.tokenizer = self.core.backend.tokenizer
+        self._run = asyncio.run
+
+    def generate(self, prompts, sampling):
+        return self._run(self.core.generate(prompts, sampling))
+
+    def score(self, pairs):
+        return self._run(self.core.score(pairs))
