@@ -160,7 +160,13 @@ class EvaluateJobConfig(ToolSeekConfig):
     """The evaluation job's root: every group of the main job's config plus the task and its settings."""
 
     task: str = "retrieval"
-    """What to evaluate: `retrieval` (nDCG@k, Recall@k, MRR@10, MAP@100, C@k over a corpus and qrels)."""
+    """What to evaluate: `retrieval` (nDCG@k, Recall@k, MRR@10, MAP@100, C@k over a corpus and qrels), `toolcall`
+    (BFCL's AST check of tool calls, pipelines/toolcall_check.py) or `qa` (EM / F1 / accuracy, supporting-passage
+    recall; pipelines/qa_data.py)."""
+    predictions: str = "agent"
+    """toolcall and qa: what is scored. `gold` (the gold answers themselves: a self-check), a JSON-lines file (formats
+    in pipelines/toolcall_check.py and pipelines/qa_data.py), `retrieval` (qa: the configured retriever's passages,
+    in-process) or `agent` (the configured agent: not wired into this job yet, a clear error)."""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 

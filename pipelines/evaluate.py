@@ -22,6 +22,19 @@ table and writes, in the Hydra run directory (or `output_dir`): `metrics.json` (
 
 `evaluate.max_queries` keeps evenly spaced queries (deterministic) and only their qrels, so a capped run is an
 unbiased sample and never scores the dropped queries as misses.
+
+Tool calls and QA are scored in this process (no cluster), `predictions=` saying what is scored:
+
+    python -m pipelines.evaluate task=toolcall data.path=<BFCL question file or folder> predictions=gold|<file>
+    python -m pipelines.evaluate task=qa data.path=<QA file or folder> predictions=gold|<file>
+    python -m pipelines.evaluate task=qa data.path=<HotpotQA/MuSiQue> predictions=retrieval retriever=bm25
+
+`toolcall` applies BFCL's AST check (pipelines/toolcall_check.py; gold from `possible_answer/` beside the file) and
+writes `toolcall_accuracy.md|csv` (per category), `toolcall_errors.md|csv` (error codes) and `verdicts.jsonl`.
+`qa` (formats and the predictions file: pipelines/qa_data.py) writes `qa_answers.md|csv` (EM / F1 / accuracy, and
+supporting-passage recall when predictions name passages) and `answers.jsonl`; with `predictions=retrieval` it
+indexes the set's passages in-process (LocalRetriever) and writes `qa_retrieval.md|csv`: supporting-passage
+Recall@k, all-supporting C@k and the share of questions whose gold answer occurs in the top k passages.
 """
 
 from __future__ import annotations
@@ -44,7 +57,7 @@ from pipelines.metrics import Run, evaluate_run, ranked_doc_ids
 
 log = logging.getLogger(__name__)
 
-TASKS = ("retrieval",)
+TASKS = ("retrieval", "toolcall", "qa")
 SOURCES = ("auto", "synthetic", "beir", "toolset")
 METRIC_ORDER = ("ndcg@1", "ndcg@5", "ndcg@10", "ndcg@100", "recall@5", "recall@10", "recall@20", "recall@100",
                 "mrr@10", "map@100", "c@5", "c@10", "c@20")  # fmt: skip
@@ -214,14 +227,178 @@ def run_retrieval(cfg: DictConfig, out: Path) -> dict:
     return result
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Tool calls and QA (scored in this process)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def predictions_source(cfg: DictConfig, modes: tuple[str, ...]) -> str:
+    """`gold`, one of `modes`, or a predictions file; `agent` is a clear error until an agent is wired in."""
+    source = cfg.predictions
+    if source == "agent":
+        raise NotImplementedError(
+            f"task={cfg.task} predictions=agent: running the configured agent is not wired into the evaluation job "
+            f"yet; use predictions={'|'.join(modes)} or predictions=<JSON-lines file>"
+        )
+    if source in modes:
+        return source
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"predictions={source!r} is neither one of {modes} nor an existing file")
+    return source
+
+
+def _write_rows(rows: list[dict], path: Path) -> None:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+
+
+def run_toolcall(cfg: DictConfig, out: Path) -> dict:
+    """BFCL's AST check of gold or predicted calls over a BFCL question file (or a folder of them)."""
+    from pipelines import toolcall_check
+    from pipelines.report import markdown_table, write_table
+
+    if not cfg.data.path:
+        raise ValueError("task=toolcall needs data.path=<BFCL question file or folder>")
+    source = predictions_source(cfg, ("gold",))
+    predictions = None if source == "gold" else toolcall_check.read_predictions(source)
+    scored = toolcall_check.load_and_score(cfg.data.path, predictions,
+                                           lambda ids: evenly_spaced(ids, cfg.evaluate.max_queries))  # fmt: skip
+    accuracy, errors = toolcall_check.accuracy_rows(scored), toolcall_check.error_rows(scored)
+    write_table(accuracy, out, "toolcall_accuracy", f"BFCL AST accuracy: {cfg.data.path}, predictions={source}")
+    write_table(errors, out, "toolcall_errors", "Failures by error code")
+    _write_rows([s.to_dict() for s in scored], out / "verdicts.jsonl")
+    result = {"task": "toolcall", "data": str(cfg.data.path), "predictions": source, "accuracy": accuracy,
+              "errors": errors, "defective_gold": {s.id: s.gold_defects for s in scored if s.gold_defects}}  # fmt: skip
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nBFCL AST accuracy, predictions={source}\n\n{markdown_table(accuracy)}", flush=True)
+    if errors:
+        print(f"Failures by error code\n\n{markdown_table(errors)}", flush=True)
+    return result
+
+
+QA_CUTOFFS = (2, 5, 10, 20)
+
+
+def _mean(values: list[float]) -> float | str:
+    return sum(values) / len(values) if values else ""
+
+
+def score_answers(dataset: Any, predictions: dict) -> list[dict]:
+    """One row per question: EM / F1 / accuracy of the answer, and supporting-passage recall when both the
+    prediction and the gold name passages."""
+    from pipelines.qa_metrics import accuracy, exact_match, f1_score
+
+    rows = []
+    for example in dataset.examples:
+        prediction = predictions[example.id]
+        row = {"id": example.id, "kind": example.kind, "answer": prediction.answer, "gold": example.answers}
+        if prediction.answer is not None:
+            row.update(em=exact_match(prediction.answer, example.answers), f1=f1_score(prediction.answer,
+                       example.answers), acc=accuracy(prediction.answer, example.answers))  # fmt: skip
+        if prediction.passages is not None and example.supporting:
+            found = set(prediction.passages) & set(example.supporting)
+            row.update(support_recall=len(found) / len(example.supporting),
+                       all_supporting=float(len(found) == len(set(example.supporting))))  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def answer_table(dataset: Any, rows: list[dict]) -> list[dict]:
+    """Means per question kind (HotpotQA's type, MuSiQue's hops), then over all questions."""
+    groups = {kind: [r for r in rows if r["kind"] == kind] for kind in sorted({r["kind"] for r in rows})}
+    if len(groups) > 1 or "" not in groups:
+        groups["all"] = rows
+    table = []
+    for kind, chosen in groups.items():
+        line = {"dataset": dataset.name, "kind": kind or "all", "questions": len(chosen)}
+        for metric in ("em", "f1", "acc", "support_recall", "all_supporting"):
+            values = [r[metric] for r in chosen if metric in r]
+            if values:
+                line[metric] = _mean(values)
+        table.append(line)
+    return table
+
+
+def retrieval_table(dataset: Any, cfg: DictConfig, out: Path) -> tuple[list[dict], dict]:
+    """Index the set's passages in-process, search each question, and score the hits against the supporting
+    passages (Recall@k, C@k from pipelines/metrics.py) and the answers (gold answer inside the top k texts)."""
+    from actors.retriever import LocalRetriever, build_index_in_process, corpus_fingerprint, doc_table, load_index
+    from pipelines.index import reusable
+    from pipelines.qa_metrics import accuracy
+
+    if not dataset.corpus:
+        raise ValueError(f"predictions=retrieval: {dataset.format} set {dataset.name!r} ships no passages to index")
+    retriever_cfg = as_retriever_config(cfg.retriever)
+    index_dir = Path(retriever_cfg.index_dir) if retriever_cfg.index_dir else out / "index"
+    table = doc_table(dataset.corpus)
+    if not reusable(index_dir, retriever_cfg, corpus_fingerprint(table)):
+        build_index_in_process(table, retriever_cfg, index_dir)
+    retriever = LocalRetriever(load_index(index_dir, retriever_cfg))
+    task = RetrievalTask(dataset.name, dataset.corpus, {e.id: e.question for e in dataset.examples},
+                         {e.id: dict.fromkeys(e.supporting, 1) for e in dataset.examples if e.supporting})  # fmt: skip
+    depth = max(cfg.evaluate.depth, max(QA_CUTOFFS))
+    run = retrieve(retriever, task, depth, False, cfg.evaluate.query_batch_size)
+    metrics = evaluate_run(run, task.qrels, ndcg_ks=(10,), recall_ks=QA_CUTOFFS, completeness_ks=QA_CUTOFFS)
+    texts = {doc["id"]: doc["text"] for doc in dataset.corpus}
+    rows = []
+    for k in QA_CUTOFFS:
+        found = [accuracy(" ".join(texts[d] for d in ranked_doc_ids(run[e.id])[:k]), e.answers)
+                 for e in dataset.examples]  # fmt: skip
+        rows.append({"dataset": dataset.name, "retriever": run_tag(retriever_cfg, False), "k": k,
+                     "support recall@k": metrics[f"recall@{k}"], "all supporting@k": metrics[f"c@{k}"],
+                     "answer in top k": _mean(found)})  # fmt: skip
+    return rows, {name: float(value) for name, value in metrics.items()}
+
+
+def run_qa(cfg: DictConfig, out: Path) -> dict:
+    """EM / F1 / accuracy (and passage recall) of gold, predicted or retrieved answers on a QA set."""
+    from pipelines.qa_data import gold_predictions, load_qa, read_qa_predictions
+    from pipelines.report import markdown_table, write_table
+
+    if not cfg.data.path:
+        raise ValueError("task=qa needs data.path=<QA file or folder> (HotpotQA, MuSiQue, NQ-open, Bamboogle)")
+    source = predictions_source(cfg, ("gold", "retrieval"))
+    dataset = load_qa(cfg.data.path)
+    every_id = {e.id for e in dataset.examples}
+    keep = set(evenly_spaced([e.id for e in dataset.examples], cfg.evaluate.max_queries))
+    dataset.examples = [e for e in dataset.examples if e.id in keep]
+    result = {"task": "qa", "data": str(cfg.data.path), "format": dataset.format, "predictions": source,
+              "questions": len(dataset.examples), "corpus": len(dataset.corpus),
+              "corpus_source": dataset.corpus_source}  # fmt: skip
+    if source == "retrieval":
+        rows, metrics = retrieval_table(dataset, cfg, out)
+        write_table(rows, out, "qa_retrieval", f"Retrieval on {dataset.name} ({len(dataset.corpus)} passages)")
+        result.update(retrieval=rows, retrieval_metrics=metrics)
+        print(f"\n{dataset.name}: retrieval over {len(dataset.corpus)} passages\n\n{markdown_table(rows)}", flush=True)
+    else:
+        predictions = gold_predictions(dataset) if source == "gold" else read_qa_predictions(source)
+        unknown = sorted(set(predictions) - every_id)
+        missing = [e.id for e in dataset.examples if e.id not in predictions]
+        if unknown or missing:
+            raise ValueError(f"predictions={source}: {len(unknown)} id(s) not in data.path {unknown[:5]}, "
+                             f"{len(missing)} question(s) without a prediction {missing[:5]}")  # fmt: skip
+        rows = score_answers(dataset, predictions)
+        table = answer_table(dataset, rows)
+        write_table(table, out, "qa_answers", f"Answers on {dataset.name}, predictions={source}")
+        _write_rows(rows, out / "answers.jsonl")
+        result.update(answers=table)
+        print(f"\n{dataset.name}: predictions={source}\n\n{markdown_table(table)}", flush=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return result
+
+
 def run_job(cfg: DictConfig) -> dict:
     """The whole job on a composed config (the entry point, and tests through Hydra's compose API)."""
-    from pipelines.jobs import start_job
+    from pipelines.jobs import output_dir, start_job
 
     if cfg.task not in TASKS:
         raise ValueError(f"task={cfg.task!r} is not one of {TASKS}")
-    out, _ = start_job(cfg)
-    result = run_retrieval(cfg, out)
+    if cfg.task == "retrieval":
+        out, _ = start_job(cfg)
+        result = run_retrieval(cfg, out)
+    else:  # scored in this process: no cluster to reach
+        out = output_dir(cfg)
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        result = (run_toolcall if cfg.task == "toolcall" else run_qa)(cfg, out)
     print(f"\nResults in {out}", flush=True)
     return result
 
