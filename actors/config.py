@@ -48,6 +48,14 @@ class EngineConfig:
     """Fractional on small CPU nodes: engines stay alive during the M-step, and a Ray Train worker fed by Ray Data
     needs CPU left over beside them (with 1 CPU each on 2 cores, the M-step waits forever for its data)."""
     num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources per engine, e.g. `{gpu_node: 0.01}`: engines then start only on nodes advertising
+    `gpu_node` (cluster/ray-cluster.yaml's GPU workers do). Read by cluster/resources.py `Placement.of_actor`."""
+    accelerator_type: str | None = None
+    """Only on nodes with this GPU type (Ray's `accelerator_type`, e.g. `A100`); empty = any."""
+    placement_strategy: str | None = None
+    """Reserve all engines at once in a placement group (`PACK`, `SPREAD`, `STRICT_PACK`, `STRICT_SPREAD`);
+    empty = each engine scheduled on its own."""
     max_batch_size: int = 32
     """Largest padded batch the HF backend runs at once (vLLM schedules its own)."""
     max_model_len: int = 1024
@@ -85,6 +93,12 @@ class RetrieverConfig:
     """CPUs per Retriever actor and per embedding actor of the index build (fractional: 2-core nodes)."""
     num_gpus: float = 0.0
     """GPUs per actor; with a GPU visible, flat and IVF shards move to faiss-gpu and the embedder to CUDA."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources per Retriever actor, e.g. `{cpu_node: 0.01}` to keep shards off the GPU nodes."""
+    accelerator_type: str | None = None
+    """Only on nodes with this GPU type (with `num_gpus` > 0); empty = any."""
+    placement_strategy: str | None = None
+    """Reserve all shard actors at once in a placement group (`PACK`, `SPREAD`, ...); empty = one by one."""
     batch_size: int = 64
     """Texts per encoder forward pass, and rows per Ray Data batch in the index build."""
     max_seq_length: int = 256
@@ -130,6 +144,11 @@ class SandboxConfig:
     num_actors: int = 2
     num_cpus: float = 0.25
     """CPUs reserved per actor: programs are short and mostly wait, so fractional shares fit 2-core nodes."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources per sandbox actor, e.g. `{cpu_node: 0.01}` to keep untrusted programs off GPU nodes."""
+    placement_strategy: str | None = None
+    """Reserve the pool's actors at once in a placement group (`SPREAD` puts them on different nodes); empty = one
+    by one."""
     max_concurrency: int = 4
     """Calls and programs one actor serves at once (a threaded actor; each program is its own process)."""
     max_restarts: int = 3

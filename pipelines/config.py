@@ -68,6 +68,10 @@ class TrainerConfig:
     use_gpu: bool = False
     placement_strategy: str = "PACK"
     """Ray placement of the worker group: `PACK` (fewest nodes) or `SPREAD` (one per node where possible)."""
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources per worker besides CPU/GPU, e.g. `{gpu_node: 0.01}` (cluster/resources.py)."""
+    accelerator_type: str | None = None
+    """Only on nodes with this GPU type (ScalingConfig's `accelerator_type`, e.g. `A100`); empty = any."""
     lr: float = 2e-3
     lr_schedule: str = "linear"
     """`constant`, `linear` (decay to 0) or `cosine`, after `warmup_steps`."""
