@@ -6,6 +6,7 @@ same on a laptop, under `ray job submit`, and on KubeRay.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -19,6 +20,9 @@ from cluster.config import ClusterConfig
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+JOB_CONFIG_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by `ray job submit` for the job's driver: the job's runtime_env, which ray.init may extend but not contradict."""
 
 
 class ClusterUnreachableError(ConnectionError):
@@ -73,10 +77,20 @@ def check_reachable(address: str, timeout_s: float) -> None:
         ) from error
 
 
-def runtime_env(cfg: ClusterConfig, remote: bool) -> dict:
-    env: dict = {"env_vars": dict(cfg.env_vars)}
+def submitted_runtime_env() -> dict:
+    """The runtime_env `ray job submit` gave this driver ({} outside a submitted job)."""
+    raw = os.environ.get(JOB_CONFIG_ENV_VAR)
+    return (json.loads(raw).get("runtime_env") or {}) if raw else {}
+
+
+def runtime_env(cfg: ClusterConfig, remote: bool, submitted: dict | None = None) -> dict:
+    """Code and thread limits for every worker. Under `ray job submit`, Ray refuses a ray.init runtime_env that sets
+    what the job already set: the job's working_dir (`--working-dir .`) then carries the code, and its env vars win."""
+    submitted = submitted_runtime_env() if submitted is None else submitted
+    job_vars = submitted.get("env_vars") or {}
+    env: dict = {"env_vars": {name: value for name, value in cfg.env_vars.items() if name not in job_vars}}
     ship = remote if cfg.ship_code is None else cfg.ship_code
-    if ship:
+    if ship and "working_dir" not in submitted:
         env["working_dir"] = str(REPO_ROOT)
         env["excludes"] = list(cfg.excludes)
     return env
