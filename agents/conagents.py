@@ -43,9 +43,9 @@ from typing import Any
 from actors.tools import EXECUTION_ERROR, SYNTAX_ERROR, UNKNOWN_TOOL, ToolError
 from agents.toolcall import (
     CallTools,
-    Decoding,
     ModelTurn,
     RunProgram,
+    ToolAgentConfig,
     ToolRun,
     add_observation,
     add_turn,
@@ -54,6 +54,7 @@ from agents.toolcall import (
     render_errors,
     render_results,
     render_tools,
+    require_at_least,
     response_schema,
     run_lockstep,
 )
@@ -62,7 +63,7 @@ ROLES = ("grounding", "execution", "observing")
 
 
 @dataclass
-class ConAgentsConfig:
+class ConAgentsConfig(ToolAgentConfig):
     """Roles, IterCali and sampling of ConAgents (Hydra group `agent`)."""
 
     role_engines: dict[str, str] = field(default_factory=lambda: {role: "policy" for role in ROLES})
@@ -74,25 +75,16 @@ class ConAgentsConfig:
     large_response_chars: int = 240
     """Longer responses are shown as a type schema and a preview, and read by a program run in the sandbox."""
     preview_chars: int = 120
-    descriptions: bool = True
-    """Show tool and parameter descriptions (off: schemas only, for small contexts)."""
-    max_tokens_per_turn: int = 96
-    max_program_tokens: int = 256
-    max_context_tokens: int = 4096
-    temperature: float = 0.8
-    top_p: float = 0.95
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         unknown = sorted(set(self.role_engines) - set(ROLES))
         missing = [role for role in ROLES if role not in self.role_engines]
         if unknown or missing:
             raise ValueError(f"agent.role_engines must name exactly the roles {ROLES}; unknown {unknown}, "
                              f"missing {missing}")  # fmt: skip
-        for name in ("max_steps", "max_tokens_per_turn", "max_program_tokens", "max_context_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"agent.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_calibrations < 0:
-            raise ValueError(f"agent.max_calibrations must be >= 0, got {self.max_calibrations}")
+        require_at_least(self, 1, ("max_steps",))
+        require_at_least(self, 0, ("max_calibrations",))
 
 
 GROUND_OPEN, GROUND_CLOSE = "<ground>", "</ground>"
@@ -163,8 +155,7 @@ class ConAgents:
         runs = [ToolRun(str(task["id"])) for task in tasks for _ in range(samples)]
         coroutines = [self._run(run, task, k) for run, (task, k) in
                       zip(runs, [(t, k) for t in tasks for k in range(samples)], strict=True)]  # fmt: skip
-        decoding = Decoding(self.cfg.temperature, self.cfg.top_p, self.cfg.max_context_tokens, greedy, seed)
-        self.rounds = run_lockstep(coroutines, self.sandbox, decoding)
+        self.rounds = run_lockstep(coroutines, self.sandbox, self.cfg.decoding(greedy, seed))
         return runs
 
     # ---- one run ------------------------------------------------------------------------------------------------

@@ -458,6 +458,35 @@ class Decoding:
                         seed=None if self.seed is None else self.seed + round_index)  # fmt: skip
 
 
+@dataclass
+class ToolAgentConfig:
+    """What every tool agent's config shares (each agent's config extends it): prompt detail, turn lengths, context
+    and sampling."""
+
+    descriptions: bool = True
+    """Show tool and parameter descriptions (off: schemas only, for small contexts)."""
+    max_tokens_per_turn: int = 96
+    max_program_tokens: int = 256
+    """Turns that write a program get this many tokens."""
+    max_context_tokens: int = 4096
+    """A turn that would not fit ends its run with `length`."""
+    temperature: float = 0.8
+    top_p: float = 0.95
+
+    def __post_init__(self) -> None:
+        require_at_least(self, 1, ("max_tokens_per_turn", "max_program_tokens", "max_context_tokens"))
+
+    def decoding(self, greedy: bool = False, seed: int | None = None) -> Decoding:
+        return Decoding(self.temperature, self.top_p, self.max_context_tokens, greedy, seed)
+
+
+def require_at_least(cfg: Any, minimum: int, names: Sequence[str]) -> None:
+    """Config bounds shared by the tool agents' configs: each named field >= `minimum`, else a ValueError naming it."""
+    for name in names:
+        if getattr(cfg, name) < minimum:
+            raise ValueError(f"agent.{name} must be >= {minimum}, got {getattr(cfg, name)}")
+
+
 def run_lockstep(runs: Sequence[Any], sandbox: Any, decoding: Decoding) -> int:
     """Drive generator `runs` to their end; returns the number of rounds. A run may yield one request or a list
     of them (answered with a list, in order)."""

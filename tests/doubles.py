@@ -245,3 +245,91 @@ class SyncEngine:
 
     def score(self, pairs):
         return self._run(self.core.score(pairs))
+
+
+def chain_program(calls: Sequence[dict], output_of: Callable[[dict], str]) -> str:
+    """A program chaining `calls` as a model would: an argument that equals an earlier call's output is passed as that
+    call's variable (converted to the argument's type), so results flow through the program, not through literals."""
+    lines, outputs = [], []
+    for index, call in enumerate(calls):
+        arguments = []
+        for key, value in call["arguments"].items():
+            source = next((j for j, out in enumerate(outputs) if not isinstance(value, bool) and out == str(value)), None)
+            if source is None:
+                arguments.append(f"{key}={value!r}")
+            else:
+                convert = "int" if isinstance(value, int) else "float" if isinstance(value, float) else ""
+                arguments.append(f"{key}={convert}(r{source})" if convert else f"{key}=r{source}")
+        lines.append(f"r{index} = {call['name']}({', '.join(arguments)})")
+        outputs.append(output_of(call))
+    return "\n".join(lines + [f"print(r{len(calls) - 1})"])
+
+
+def atc_oracle(tasks: dict[str, dict], output_of: Callable[[dict], str],
+               revise: Callable[[dict, str], str] | None = None) -> Callable[[str], str]:
+    """An ATC programmer: the task's gold calls as one chaining program; after a failure, `revise(task, context)`."""
+
+    def next_turn(context: str) -> str:
+        _, task = role_and_task(context, tasks)
+        if revise is not None and "\nError: " in context:
+            return f"<program>\n{revise(task, context)}\n</program>"
+        return f"<program>\n{chain_program(task['gold_calls'], output_of)}\n</program>"
+
+    return next_turn
+
+
+_PLACEHOLDERS = {"number": 1, "integer": 1, "boolean": True, "array": [], "object": {}}
+
+
+def prober_oracle(date: str = "2001-02-03") -> Callable[[str], str]:
+    """A black-box prober that reads only the answers it is shown: an unexpected argument first (its error lists the
+    parameters), then no arguments (each `missing_argument` names a required one), then every listed parameter with a
+    placeholder, fixing one typed error at a time (a type, an allowed value, a date format). After a working call it
+    varies a number once; it stops (writes no call) when nothing more can be fixed. Asked to chain, it feeds the first
+    item of a helper's list-valued example into its placeholder arguments."""
+    from ast import literal_eval
+
+    from agents.toolcall import render_calls
+
+    names: dict[str, list[str]] = {}
+    state: dict[str, dict] = {}
+
+    def next_turn(context: str) -> str:
+        tool = re.search(r"\[prober\] Tool: (\w+)", context).group(1)
+        arguments = state.setdefault(tool, {})
+        if "\nHelpers:\n" in context:
+            example = re.search(r"Examples: (\w+\(.*?\)) -> '\[", context.split("\nHelpers:\n", 1)[1]).group(1)
+            fill = "".join(f"arguments[{k!r}] = values[0]\n" for k, v in arguments.items() if v == "?")
+            return (f"<program>\nimport json\nvalues = json.loads({example})\narguments = {arguments!r}\n{fill}"
+                    f"print({tool}(**arguments))\n</program>")  # fmt: skip
+        answers = [json.loads(line) for block in re.findall(r"<results>\n(.*?)\n</results>", context, re.S)
+                   for line in block.splitlines()]  # fmt: skip
+        if not answers:
+            return render_calls([{"name": tool, "arguments": {"probe": 0}}])
+        last = answers[-1]
+        if "output" in last:
+            number = next((k for k, v in arguments.items() if isinstance(v, int) and not isinstance(v, bool)), None)
+            if number is None or sum("output" in a for a in answers) > 1:
+                return "Nothing more to try."
+            arguments[number] += 1
+            return render_calls([{"name": tool, "arguments": arguments}])
+        error = last["error"]
+        code, message, key = error["code"], error["message"], error.get("argument")
+        if code == "unexpected_argument":
+            names[tool] = literal_eval(re.search(r"expected (\[.*\])", message).group(1))
+            arguments.clear()
+        elif code == "missing_argument":
+            arguments[key] = "?"
+        else:
+            arguments.update({name: "?" for name in names.get(tool, []) if name not in arguments})
+            if code == "wrong_type":
+                arguments[key] = _PLACEHOLDERS.get(re.search(r"must be of type (\w+)", message).group(1), "?")
+            elif code == "invalid_value" and "one of" in message:
+                arguments[key] = literal_eval(re.search(r"one of (\[.*\]), got", message).group(1))[0]
+            elif "YYYY-MM-DD" in message:
+                arguments[re.search(r"argument '(\w+)'", message).group(1)] = date
+            else:
+                return "I cannot find values that work."
+        return render_calls([{"name": tool, "arguments": arguments}])
+
+    return next_turn
