@@ -145,7 +145,7 @@ class Placement:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         bundles = [self.bundle() for _ in range(count)]
-        group = placement_group(bundles, strategy=self.strategy, name=name or f"toolseek-{self.where}")
+        group = placement_group(bundles, strategy=self.strategy, name=name)
         try:
             ray.get(group.ready(), timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
