@@ -163,7 +163,7 @@ class TeacherForcedPolicy:
 
 # ---------------------------------------------------------------------------------------------------- tool agents
 
-ROLE_BANNER = re.compile(r"\[(\w+)\] Task: (.*)\n")
+ROLE_BANNER = re.compile(r"\[([\w-]+)\] Task: (.*)\n")
 
 
 def role_and_task(context: str, tasks: dict[str, dict]) -> tuple[str, dict]:
@@ -333,3 +333,81 @@ def prober_oracle(date: str = "2001-02-03") -> Callable[[str], str]:
         return render_calls([{"name": tool, "arguments": arguments}])
 
     return next_turn
+
+
+def _coerce(text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def rea_oracle(tasks: dict[str, dict], output_of: Callable[[dict], str],
+               lesson: Callable[[dict], str] | None = None) -> Callable[[str], str]:
+    """A 360°REA policy for the leader and the crew. The leader plans one subtask per gold call, naming an earlier
+    result as #n where the call uses it; a crew agent writes the call with #n replaced from its known results, and
+    reports the output (or the error); every assessor scores 5 for a result and 1 for an error, with feedback; the
+    leader answers with the last result and writes `lesson(task)` (default: the tools in order)."""
+    from agents.toolcall import render_calls
+
+    def plan(task: dict) -> str:
+        lines, outputs = [], []
+        for call in task["gold_calls"]:
+            arguments = {k: next((f"#{j + 1}" for j, out in enumerate(outputs) if not isinstance(v, bool)
+                                  and out == str(v)), v) for k, v in call["arguments"].items()}  # fmt: skip
+            lines.append(f"{len(lines) + 1}. {call['name']} {json.dumps(arguments)}")
+            outputs.append(output_of(call))
+        return "<plan>\n" + "\n".join(lines) + "\n</plan>"
+
+    def next_turn(context: str) -> str:
+        role, task = role_and_task(context, tasks)
+        if context.rstrip().endswith("</assess>."):
+            shown = context.rsplit("\nAssess ", 1)[-1]
+            error = re.search(r'"error":\{"code":"(\w+)"', shown)
+            if error:
+                return f'<assess>{{"score": 1, "feedback": "the call failed ({error.group(1)}): make it again"}}</assess>'
+            return '<assess>{"score": 5, "feedback": "the result answers the subtask"}</assess>'
+        if role == "leader":
+            if "\nResults: " in context:
+                last = re.findall(r"#\d+ = ([^;\n]*)", context.rsplit("\nResults: ", 1)[-1])[-1]
+                written = lesson(task) if lesson else "Use " + " then ".join(c["name"] for c in task["gold_calls"])
+                return f"<answer>{last}</answer><experience>{written}</experience>"
+            return plan(task)
+        if context.rstrip().endswith("</report>."):
+            block = context.rsplit("<results>\n", 1)[-1].split("\n</results>", 1)[0]
+            line = json.loads(block.splitlines()[0])
+            return f"<report>{line.get('output', 'error')}</report>"
+        subtask = re.findall(r"\nSubtask (\d+): (\w+) (.*)\n|\nRevise subtask (\d+): (\w+) (.*)\n", context)[-1]
+        name, arguments = (subtask[1], subtask[2]) if subtask[1] else (subtask[4], subtask[5])
+        known = dict(re.findall(r"#(\d+) = ([^;\n]*)", context.rsplit("\nKnown results: ", 1)[-1].split("\n")[0]))
+        values = {k: _coerce(known[v[1:]]) if isinstance(v, str) and re.fullmatch(r"#\d+", v) else v
+                  for k, v in json.loads(arguments).items()}  # fmt: skip
+        return render_calls([{"name": name, "arguments": values}])
+
+    return next_turn
+
+
+def by_query(tasks: Sequence[dict]) -> dict[str, dict]:
+    """Tool tasks by their query: how the doubles above recognise the task in a context."""
+    return {t["query"]: t for t in tasks}
+
+
+def world_sandbox(world, extra_specs: Sequence[dict] = (), **functions):
+    """The real in-process sandbox over the world's tools, with tools replaced (fault injection: `lookup=FlakyTool
+    (...)`) or added (`extra_specs` with their functions by name), under tight limits for tests."""
+    from actors.config import SandboxConfig
+    from actors.sandbox import ToolSandboxCore
+    from actors.tools import ToolRegistry
+
+    specs = [*world.tools(), *extra_specs]
+    implementations = {**world.tool_functions(), **functions}
+    limits = SandboxConfig(wall_time_s=5.0, cpu_time_s=2.0, memory_mb=256, tool_timeout_s=5.0)
+    return ToolSandboxCore(ToolRegistry.from_functions(specs, implementations), limits)
+
+
+def tool_outputs(world) -> Callable[[dict], str]:
+    """What a gold call returns: the double's knowledge of results (a clean registry, never a fault-injected one)."""
+    from actors.tools import ToolRegistry
+
+    registry = ToolRegistry.from_functions(world.tools(), world.tool_functions())
+    return lambda call: registry.call(call).output

@@ -7,9 +7,8 @@ import json
 
 import pytest
 
-from actors.config import ModelConfig, SandboxConfig
+from actors.config import ModelConfig
 from actors.models import build_causal_lm
-from actors.sandbox import ToolSandboxCore
 from actors.tools import EXECUTION_ERROR, SYNTAX_ERROR, ToolError, ToolRegistry, normalize_spec
 from agents.atc import ATC, ATCConfig, attribute_error, format_call, undocumented
 from pipelines import records
@@ -19,11 +18,12 @@ from tests.doubles import (
     SyncEngine,
     TeacherForcedPolicy,
     atc_oracle,
+    by_query,
     chain_program,
     prober_oracle,
+    tool_outputs,
+    world_sandbox,
 )
-
-LIMITS = SandboxConfig(wall_time_s=5.0, cpu_time_s=2.0, memory_mb=256, tool_timeout_s=5.0)
 
 
 @pytest.fixture(scope="module")
@@ -33,32 +33,18 @@ def tasks(small_world):
     return tasks
 
 
-def by_query(tasks):
-    return {t["query"]: t for t in tasks}
-
-
 @pytest.fixture(scope="module")
 def registry(small_world):
     return ToolRegistry.from_functions(small_world.tools(), small_world.tool_functions())
 
 
-def output_of(registry):
-    return lambda call: registry.call(call).output
-
-
-def sandbox_for(small_world, specs=None, **replace):
-    functions = {**small_world.tool_functions(), **replace}
-    specs = specs or small_world.tools()
-    return ToolSandboxCore(ToolRegistry.from_functions(specs, {s["name"]: functions[s["name"]] for s in specs}), LIMITS)
-
-
 @pytest.fixture(scope="module")
 def sandbox(small_world):
-    return sandbox_for(small_world)
+    return world_sandbox(small_world)
 
 
 def test_one_program_per_task_chains_the_gold_calls(tasks, sandbox, registry, small_world, tokenizer):
-    policy = ScriptedPolicy(tokenizer, atc_oracle(by_query(tasks), output_of(registry)))
+    policy = ScriptedPolicy(tokenizer, atc_oracle(by_query(tasks), tool_outputs(small_world)))
     atc = ATC(policy, sandbox, small_world.tools(), tokenizer)
     runs = atc.run(tasks)
     programs = []
@@ -86,10 +72,10 @@ def test_reflection_blames_the_tool_that_raised(tasks, registry, small_world, to
     chosen = [t for t in tasks if t["gold_calls"][0]["name"] == "lookup"][:4]
 
     def rerun(task, context):
-        return chain_program(task["gold_calls"], output_of(registry))
+        return chain_program(task["gold_calls"], tool_outputs(small_world))
 
-    policy = ScriptedPolicy(tokenizer, atc_oracle(by_query(chosen), output_of(registry), revise=rerun))
-    runs = ATC(policy, sandbox_for(small_world, lookup=flaky), small_world.tools(), tokenizer).run(chosen)
+    policy = ScriptedPolicy(tokenizer, atc_oracle(by_query(chosen), tool_outputs(small_world), revise=rerun))
+    runs = ATC(policy, world_sandbox(small_world, lookup=flaky), small_world.tools(), tokenizer).run(chosen)
     for task, run in zip(chosen, runs, strict=True):
         lookups = sum(c["name"] == "lookup" for c in task["gold_calls"])
         assert run.finish_reason == "answer" and run.answer == task["answer"] and run.calls == task["gold_calls"]
@@ -126,7 +112,7 @@ def test_reflection_traces_a_bad_output_to_the_tool_it_came_from(tasks, registry
             f"x = {read.format('first')}", f"y = {read.format('second')}",
             f"print(calculate(operation='subtract', a={a}, b={b}))"]) + "\n</program>"  # fmt: skip
 
-    (run,) = ATC(ScriptedPolicy(tokenizer, next_turn), sandbox_for(small_world, lookup=chatty_lookup),
+    (run,) = ATC(ScriptedPolicy(tokenizer, next_turn), world_sandbox(small_world, lookup=chatty_lookup),
                  small_world.tools(), tokenizer).run([task])  # fmt: skip
     assert run.finish_reason == "answer" and run.answer == task["answer"] and run.calls == task["gold_calls"]
     (record,) = reflections(run)
@@ -139,10 +125,10 @@ def test_reflection_traces_a_bad_output_to_the_tool_it_came_from(tasks, registry
 def test_reflection_gives_up_after_max_rounds(tasks, registry, small_world, tokenizer):
     broken = FlakyTool(small_world.tool_functions()["calculate"], failures=99, message="calculator down")
     task = next(t for t in tasks if [c["name"] for c in t["gold_calls"]] == ["calculate"])
-    policy = ScriptedPolicy(tokenizer, atc_oracle(by_query([task]), output_of(registry),
+    policy = ScriptedPolicy(tokenizer, atc_oracle(by_query([task]), tool_outputs(small_world),
                                                   revise=lambda task, c: chain_program(task["gold_calls"],
-                                                                                       output_of(registry))))
-    (run,) = ATC(policy, sandbox_for(small_world, calculate=broken), small_world.tools(), tokenizer).run([task])
+                                                                                       tool_outputs(small_world))))
+    (run,) = ATC(policy, world_sandbox(small_world, calculate=broken), small_world.tools(), tokenizer).run([task])
     assert ATCConfig().max_reflections == 3
     assert run.finish_reason == "reflection_failed: execution_error" and len(run.errors) == 4
     assert sum(s.role == "program" for s in run.trajectories["programmer"].steps) == 4
@@ -200,7 +186,7 @@ def shape(parameters):
 def probed(small_world, tokenizer):
     spec, function = list_entities_tool(small_world)
     specs = [*small_world.tools(), spec]
-    sandbox = sandbox_for(small_world, specs, list_entities=function)
+    sandbox = world_sandbox(small_world, [spec], list_entities=function)
     atc = ATC(ScriptedPolicy(tokenizer, prober_oracle()), sandbox, [undocumented(s["name"]) for s in specs],
               tokenizer)  # fmt: skip
     docs, runs = atc.probe([s["name"] for s in specs])
@@ -238,10 +224,10 @@ def test_chain_probing_makes_a_tool_work_through_a_probed_helper(probed, registr
     assert "made to work through list_entities" in atc.docs["lookup"]["description"]
 
 
-def test_probed_documentation_is_enough_to_solve_the_tasks(probed, tasks, registry, tokenizer):
+def test_probed_documentation_is_enough_to_solve_the_tasks(probed, tasks, small_world, tokenizer):
     probed_atc, _, _, _, sandbox = probed
     chosen = tasks[:11]
-    policy = ScriptedPolicy(tokenizer, atc_oracle(by_query(chosen), output_of(registry)))
+    policy = ScriptedPolicy(tokenizer, atc_oracle(by_query(chosen), tool_outputs(small_world)))
     runs = ATC(policy, sandbox, list(probed_atc.docs.values()), tokenizer).run(chosen)
     assert [r.answer for r in runs] == [t["answer"] for t in chosen]
     assert "Documented by probing" in tokenizer.decode(runs[0].trajectories["programmer"].prompt_ids)
@@ -267,7 +253,7 @@ def assert_rescored(engine, run):
 def test_real_engine_programs_and_reflections_rescore(tasks, sandbox, registry, small_world, engine):
     cfg = ATCConfig(descriptions=False, max_program_tokens=48, max_reflections=1)
     chosen = [t for t in tasks if len(t["gold_calls"]) <= 2][:2]
-    scripted = TeacherForcedPolicy(engine, engine.tokenizer, atc_oracle(by_query(chosen), output_of(registry)))
+    scripted = TeacherForcedPolicy(engine, engine.tokenizer, atc_oracle(by_query(chosen), tool_outputs(small_world)))
     runs = ATC(scripted, sandbox, small_world.tools(), engine.tokenizer, cfg).run(chosen)
     assert [r.answer for r in runs] == [t["answer"] for t in chosen]
     free = TeacherForcedPolicy(engine, engine.tokenizer, lambda context: None)  # the random model writes programs

@@ -8,10 +8,9 @@ import json
 
 import pytest
 
-from actors.config import ModelConfig, SandboxConfig
+from actors.config import ModelConfig
 from actors.models import build_causal_lm
-from actors.sandbox import ToolSandboxCore
-from actors.tools import EXECUTION_ERROR, INVALID_VALUE, SYNTAX_ERROR, UNKNOWN_TOOL, WRONG_TYPE, ToolRegistry
+from actors.tools import EXECUTION_ERROR, INVALID_VALUE, SYNTAX_ERROR, UNKNOWN_TOOL, WRONG_TYPE
 from agents.conagents import ROLES, ConAgents, ConAgentsConfig
 from agents.toolcall import render_calls
 from pipelines import records
@@ -20,11 +19,12 @@ from tests.doubles import (
     ScriptedPolicy,
     SyncEngine,
     TeacherForcedPolicy,
+    by_query,
     conagents_oracle,
     role_and_task,
+    world_sandbox,
 )
 
-LIMITS = SandboxConfig(wall_time_s=5.0, cpu_time_s=2.0, memory_mb=256, tool_timeout_s=5.0)
 CFG = ConAgentsConfig()
 
 
@@ -37,18 +37,9 @@ def tasks(small_world):
     return tasks
 
 
-def by_query(tasks):
-    return {t["query"]: t for t in tasks}
-
-
-def sandbox_for(small_world, **replace):
-    functions = {**small_world.tool_functions(), **replace}
-    return ToolSandboxCore(ToolRegistry.from_functions(small_world.tools(), functions), LIMITS)
-
-
 @pytest.fixture(scope="module")
 def sandbox(small_world):
-    return sandbox_for(small_world)
+    return world_sandbox(small_world)
 
 
 def agent(policy, sandbox, small_world, tokenizer, cfg=CFG, tools=None):
@@ -97,7 +88,7 @@ def test_masks_cover_each_roles_own_turns_only(tasks, sandbox, small_world, toke
 def test_itercali_retries_a_call_the_tool_failed(tasks, small_world, tokenizer):
     """Injected fault: every lookup fails its first call; the typed error goes back and the retry succeeds."""
     flaky = FlakyTool(small_world.tool_functions()["lookup"])
-    sandbox = sandbox_for(small_world, lookup=flaky)
+    sandbox = world_sandbox(small_world, lookup=flaky)
     chosen = [t for t in tasks if any(c["name"] == "lookup" for c in t["gold_calls"])][:6]
     runs = agent(ScriptedPolicy(tokenizer, conagents_oracle(by_query(chosen))), sandbox, small_world,
                  tokenizer).run(chosen)  # fmt: skip
@@ -136,7 +127,7 @@ def test_itercali_calibrates_the_models_own_bad_calls(tasks, sandbox, small_worl
 def test_calibration_gives_up_after_three_retries(tasks, small_world, tokenizer):
     broken = FlakyTool(small_world.tool_functions()["calculate"], failures=99, message="calculator down")
     task = next(t for t in tasks if [c["name"] for c in t["gold_calls"]] == ["calculate"])
-    (run,) = agent(ScriptedPolicy(tokenizer, conagents_oracle(by_query([task]))), sandbox_for(small_world,
+    (run,) = agent(ScriptedPolicy(tokenizer, conagents_oracle(by_query([task]))), world_sandbox(small_world,
                    calculate=broken), small_world, tokenizer).run([task])  # fmt: skip
     assert CFG.max_calibrations == 3  # the paper's limit
     assert run.finish_reason == "calibration_failed: execution_error" and not run.trajectories["grounding"].valid
@@ -162,8 +153,6 @@ def entity_record_tool(world):
 
 def test_large_responses_are_read_by_a_program_and_a_failed_one_is_calibrated(tasks, small_world, tokenizer):
     spec, function = entity_record_tool(small_world)
-    registry = ToolRegistry.from_functions([*small_world.tools(), spec], {**small_world.tool_functions(),
-                                                                        "entity_record": function})  # fmt: skip
     lookups = [t for t in tasks if [c["name"] for c in t["gold_calls"]] == ["lookup"]]
     record_tasks = [{**t, "tools": ["entity_record", "calculate"],
                      "gold_calls": [{"name": "entity_record", "arguments": {"entity": t["gold_calls"][0]["arguments"][
@@ -176,7 +165,7 @@ def test_large_responses_are_read_by_a_program_and_a_failed_one_is_calibrated(ta
 
     policy = ScriptedPolicy(tokenizer, conagents_oracle(by_query(record_tasks), program=program))
     cfg = ConAgentsConfig(large_response_chars=150, preview_chars=60)
-    runs = agent(policy, ToolSandboxCore(registry, LIMITS), small_world, tokenizer, cfg,
+    runs = agent(policy, world_sandbox(small_world, [spec], entity_record=function), small_world, tokenizer, cfg,
                  tools=[*small_world.tools(), spec]).run(record_tasks)  # fmt: skip
     for task, run in zip(record_tasks, runs, strict=True):
         assert run.finish_reason == "answer" and run.answer == task["answer"] and run.calls == task["gold_calls"]
