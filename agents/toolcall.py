@@ -1,8 +1,8 @@
 """Function calling: the one text format in which our policies see tools and write calls.
 
 Why one format: the tool agents (ConAgents, ATC, 360°REA), the Ray Serve chat endpoint and the BFCL-style checker all
-turn model text into calls, so they must read it the same way. Plain standard library (and `actors/tools.py`, which is
-plain standard library too), so any of them can import it.
+turn model text into calls, so they must read it the same way. Plain standard library (with `actors/tools.py` and
+`agents/trajectory.py`, which are plain standard library too), so any of them can import it.
 
 The layout a model sees and writes:
 
