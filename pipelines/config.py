@@ -7,6 +7,7 @@ start-up with the key's full name (`cluster.adress`, `trainer.lr`), before any c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -29,10 +30,13 @@ class DataConfig:
 
 
 @dataclass
-class RecipeConfig:
-    """What the main job does with the data and the model (the method being run): `conf/recipe/<name>.yaml`."""
+class ExSearchRecipeConfig:
+    """ExSearch's warm start and generalized EM (pipelines/recipes/exsearch.py): `conf/recipe/exsearch.yaml`.
 
-    name: str = MISSING
+    Each recipe has its own schema, stored in Hydra's `recipe` group as `<name>_schema` and named first in its YAML's
+    defaults, so `recipe=<name>` validates that recipe's keys and no recipe carries another's."""
+
+    name: str = "exsearch"
     iterations: int = 3
     """EM (or preference) iterations after the warm start."""
     variants: list[str] = field(default_factory=lambda: ["importance", "uniform"])
@@ -119,7 +123,8 @@ class ToolSeekConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    recipe: Any = MISSING
+    """The method being run: `conf/recipe/<name>.yaml`, typed by its own schema (see RECIPE_SCHEMAS)."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
@@ -131,9 +136,16 @@ class ToolSeekConfig:
 SCHEMA_NAME = "toolseek_schema"
 
 
+RECIPE_SCHEMAS: dict[str, type] = {"exsearch": ExSearchRecipeConfig}
+"""Recipe name -> its schema. A new recipe adds its dataclass here and `defaults: [<name>_schema, _self_]` to its YAML."""
+
+
 def register_configs() -> None:
-    """Make the schema known to Hydra; `conf/config.yaml` lists it first in its defaults."""
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=ToolSeekConfig)
+    """Make the schemas known to Hydra; `conf/config.yaml` lists the root first in its defaults."""
+    store = ConfigStore.instance()
+    store.store(name=SCHEMA_NAME, node=ToolSeekConfig)
+    for name, schema in RECIPE_SCHEMAS.items():
+        store.store(group="recipe", name=f"{name}_schema", node=schema)
 
 
 register_configs()

@@ -23,7 +23,18 @@ from pipelines.report import markdown_table, write_table
 
 log = logging.getLogger(__name__)
 
-RECIPES = ("exsearch",)
+RECIPES = {"exsearch": "pipelines.recipes.exsearch:run_exsearch"}
+"""Recipe name -> `module:function(cfg, out, prepared)`; each recipe's schema is in pipelines/config.py RECIPE_SCHEMAS."""
+
+
+def recipe_runner(name: str):
+    """The recipe's entry point, imported only when chosen (a recipe may pull in heavy modules)."""
+    import importlib
+
+    if name not in RECIPES:
+        raise ValueError(f"recipe.name={name!r} is not one of {tuple(RECIPES)}")
+    module, function = RECIPES[name].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def prepare(cfg: DictConfig, out) -> dict:
@@ -56,15 +67,11 @@ def prepare(cfg: DictConfig, out) -> dict:
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    if cfg.recipe.name not in RECIPES:
-        raise ValueError(f"recipe.name={cfg.recipe.name!r} is not one of {RECIPES}")
+    run_recipe = recipe_runner(cfg.recipe.name)
     out, _ = start_job(cfg)
     prepared = prepare(cfg, out)
     print(markdown_table(prepared["datasets"]), flush=True)
-    if cfg.recipe.name == "exsearch":
-        from pipelines.recipes.exsearch import run_exsearch
-
-        run_exsearch(cfg, out, prepared)
+    run_recipe(cfg, out, prepared)
     print(f"Results in {out}", flush=True)
 
 

@@ -63,3 +63,20 @@ def test_cli_rejects_a_typo_before_doing_any_work():
     assert "learning_rate" in done.stderr + done.stdout
     assert "Ray" not in done.stdout  # failed before connecting
     assert time.perf_counter() - started < 60
+
+
+def test_each_recipe_has_its_own_schema_and_runner():
+    """Every registered recipe composes with its own typed keys, and its entry point imports."""
+    from pipelines.config import RECIPE_SCHEMAS
+    from pipelines.run import RECIPES, recipe_runner
+
+    assert set(RECIPES) == set(RECIPE_SCHEMAS)
+    for name, schema in RECIPE_SCHEMAS.items():
+        cfg = _compose(f"recipe={name}")
+        assert OmegaConf.get_type(cfg.recipe) is schema and cfg.recipe.name == name
+        assert callable(recipe_runner(name))
+    with pytest.raises(Exception) as caught:
+        _compose("recipe.warm_start_stepz=3")
+    assert "warm_start_stepz" in f"{caught.value} {caught.value.__cause__}"
+    with pytest.raises(ValueError, match="recipe.name='nope'"):
+        recipe_runner("nope")
