@@ -106,14 +106,72 @@ class TrainerConfig:
 
 
 @dataclass
+class ServeScalingConfig:
+    """Replicas of one Serve deployment: a fixed number, or autoscaled from `num_replicas` up to `max_replicas`."""
+
+    num_replicas: int = 1
+    max_replicas: int = 1
+    """Above `num_replicas`, Serve autoscales between the two on queued + running requests per replica."""
+    target_ongoing_requests: float = 8.0
+    """Autoscaling target: requests in flight per replica that Serve tries to keep."""
+    max_ongoing_requests: int = 64
+    """Requests one replica takes at once; more wait in the caller's queue (never dropped)."""
+
+
+@dataclass
 class ServeConfig:
-    """Ray Serve application settings."""
+    """Ray Serve application settings (pipelines/serve.py): what is deployed, limits, keys and scaling."""
 
     run: bool = False
     """Deploy the trained agent at the end of the main job."""
     host: str = "127.0.0.1"
+    """Where Serve's HTTP proxy listens; 0.0.0.0 to accept other machines (then keep API keys on)."""
     port: int = 8000
+    app_name: str = "toolseek"
+    model_name: str = "toolseek-policy"
+    """The `model` clients name in /v1/chat/completions; any other name is a 404."""
+    require_api_key: bool = True
+    """Bearer keys on every /v1 endpoint. Keys come from `api_keys_file` (one per line) and TOOLSEEK_API_KEYS
+    (comma-separated), read when the app is built."""
     api_keys_file: str | None = None
+    admin_keys_file: str | None = None
+    """Keys allowed to hot-swap the checkpoint (also TOOLSEEK_ADMIN_KEYS); none = the admin endpoint is off."""
+    rate_limit_per_minute: int = 600
+    """Requests per key per minute, per ingress replica (a token bucket); 0 = no limit."""
+    rate_limit_burst: int = 60
+    max_request_bytes: int = 1_000_000
+    """Larger bodies get 413 before they are parsed."""
+    max_tokens_limit: int = 512
+    """Largest max_tokens a request may ask for (per completion)."""
+    default_max_tokens: int = 128
+    max_n: int = 4
+    """Most completions one chat request may ask for."""
+    max_queries: int = 64
+    """Most queries one /v1/retrieve request may carry."""
+    max_k: int = 100
+    cors_origins: list[str] = field(default_factory=list)
+    """Origins allowed by CORS; empty = no CORS headers (browsers on other origins are refused)."""
+    request_timeout_s: float = 120.0
+    """Deadline of every call the ingress makes to a deployment, and of the HTTP proxy's whole request."""
+    batch_max_size: int = 16
+    """@serve.batch in the LLM deployment: most single-prompt requests grouped into one engine call."""
+    batch_wait_ms: float = 5.0
+    """How long the first request of a batch waits for others to join it."""
+    agents: list[str] = field(default_factory=lambda: ["exsearch", "genground", "conagents"])
+    """Agents served at /v1/agents/{name}/runs."""
+    max_agent_runs: int = 4
+    """Agent runs one ingress replica runs at once (each is a thread driving the deployments)."""
+    retriever: str = "auto"
+    """`auto`: `retriever.index_dir`, else an index built from the synthetic world's passages; `none`: no retriever
+    deployment (then /v1/retrieve and the search agents answer 503)."""
+    reload_timeout_s: float = 300.0
+    """How long a hot swap waits for every LLM replica to load the new weights."""
+    llm: ServeScalingConfig = field(default_factory=ServeScalingConfig)
+    ingress: ServeScalingConfig = field(default_factory=lambda: ServeScalingConfig(max_ongoing_requests=256))
+    retrieval: ServeScalingConfig = field(default_factory=ServeScalingConfig)
+    sandbox: ServeScalingConfig = field(default_factory=ServeScalingConfig)
+    ingress_num_cpus: float = 0.1
+    """CPUs reserved per ingress replica (it parses, tokenizes and waits; the engine does the work)."""
 
 
 @dataclass
