@@ -172,6 +172,8 @@ class ServeConfig:
     sandbox: ServeScalingConfig = field(default_factory=ServeScalingConfig)
     ingress_num_cpus: float = 0.1
     """CPUs reserved per ingress replica (it parses, tokenizes and waits; the engine does the work)."""
+    access_log: bool = True
+    """Serve's per-request log lines in every replica (off saves CPU on small machines; errors are logged anyway)."""
 
 
 @dataclass

@@ -662,7 +662,7 @@ def start(cfg: DictConfig, out: Path | None = None) -> str:
     s = cfg.serve
     application = build_app(cfg, out)
     serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s})
-    serve.run(application, name=s.app_name, route_prefix="/")
+    serve.run(application, name=s.app_name, route_prefix="/", logging_config={"enable_access_log": s.access_log})
     return f"http://{s.host}:{s.port}"
 
 

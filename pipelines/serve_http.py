@@ -61,6 +61,36 @@ class RequestMetrics:
         self.latency.observe(seconds, tags={"route": route})
 
 
+class MeasuredRequests:
+    """ASGI middleware: records every request's route, status and time to its headers; an unexpected failure becomes
+    a 500 naming a request id (the traceback is logged here, in the replica, and never sent)."""
+
+    def __init__(self, app, metrics: RequestMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, answered = time.perf_counter(), False
+
+        async def recorded(message):
+            nonlocal answered
+            if message["type"] == "http.response.start":
+                answered = True
+                route = getattr(scope.get("route"), "path", "unmatched")
+                self.metrics.record(route, message["status"], time.perf_counter() - started)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recorded)
+        except Exception:  # noqa: BLE001  (whatever failed, the client gets JSON and the replica lives on)
+            request_id = uuid.uuid4().hex[:12]
+            log.exception("request %s %s failed (request id %s)", scope.get("method"), scope.get("path"), request_id)
+            if not answered:
+                error = ApiError(500, f"internal error (request id {request_id})", None, "internal_error")
+                await error_response(error)(scope, receive, recorded)
+
+
 def build_http_app(svc: Ingress) -> FastAPI:
     settings = svc.settings
     app = FastAPI(title="ToolSeek", version="0.1.0", debug=False,
@@ -91,21 +121,7 @@ def build_http_app(svc: Ingress) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])  # fmt: skip
 
-    @app.middleware("http")
-    async def _measure(request: Request, call_next):
-        """Records every request; an unexpected failure becomes a 500 naming a request id (the traceback is logged
-        here, in the replica, and never sent)."""
-        started = time.perf_counter()
-        try:
-            response = await call_next(request)
-        except Exception:  # noqa: BLE001  (whatever failed, the client gets JSON and the replica lives on)
-            request_id = uuid.uuid4().hex[:12]
-            log.exception("request %s %s failed (request id %s)", request.method, request.url.path, request_id)
-            response = error_response(ApiError(500, f"internal error (request id {request_id})", None,
-                                               "internal_error"))  # fmt: skip
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        metrics.record(route, response.status_code, time.perf_counter() - started)
-        return response
+    app.add_middleware(MeasuredRequests, metrics=metrics)
 
     def api_key(request: Request) -> str:
         """The caller's key id; admin keys are accepted too, without the rate limit (operators, load tests)."""
