@@ -8,6 +8,10 @@ model's call block is parsed back into OpenAI `tool_calls`. The prompt is render
 `tool_choice` is honoured by prefilling the assistant turn: `required` starts it with the call block's opening tag,
 a named function with the start of that function's call; `none` offers no tools. Plain Python (no Ray, no HTTP),
 so the translation is tested on its own.
+
+Streaming sends a completion as OpenAI chunks, one per token, once the engine has written it: our engines return
+whole completions (batched generation), so a stream starts later than a token-by-token one would, and its content is
+exactly the non-streamed completion's.
 """
 
 from __future__ import annotations
