@@ -26,6 +26,7 @@ from typing import Any
 import ray
 
 from actors.config import EngineConfig
+from cluster.resources import Placement
 
 log = logging.getLogger(__name__)
 
@@ -526,14 +527,15 @@ def as_engine_config(cfg: Any) -> EngineConfig:
 
 
 def start_engines(model_path: str | os.PathLike, cfg: Any, dtype: str = "float32") -> list:
-    """`cfg.num_actors` engine actors with the configured CPU/GPU shares; Ray restarts a crashed one."""
+    """`cfg.num_actors` engine actors placed as the config says (cluster/resources.py); Ray restarts a crashed one."""
     cfg = as_engine_config(cfg)
-    options: dict[str, Any] = dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=cfg.max_restarts,
-                                   max_task_retries=cfg.max_task_retries, max_concurrency=1000)
+    placed = Placement.of_actor(cfg, "engine").reserve(cfg.num_actors)
+    options: dict[str, Any] = dict(max_restarts=cfg.max_restarts, max_task_retries=cfg.max_task_retries,
+                                   max_concurrency=1000)
     if cfg.backend == "vllm":
         env = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.vllm_kv_cache_gb), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
         options["runtime_env"] = {"env_vars": env}
-    return [LLMEngine.options(**options).remote(str(model_path), asdict(cfg), dtype) for _ in range(cfg.num_actors)]
+    return [LLMEngine.options(**where, **options).remote(str(model_path), asdict(cfg), dtype) for where in placed.options]
 
 
 class EnginePool:

@@ -50,6 +50,7 @@ import pyarrow.parquet as pq
 import ray
 
 from actors.config import RetrieverConfig
+from cluster.resources import Placement
 
 log = logging.getLogger(__name__)
 
@@ -657,9 +658,10 @@ class ShardedRetriever:
         cfg = as_retriever_config(cfg)
         check_config(cfg)
         check_manifest(index_dir, cfg)
-        options = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "max_restarts": cfg.max_restarts,
-                   "max_task_retries": cfg.max_task_retries}  # fmt: skip
-        handles = [Retriever.options(**options).remote(str(index_dir), shard, cfg) for shard in range(cfg.num_shards)]
+        placed = Placement.of_actor(cfg, "retriever").reserve(cfg.num_shards)
+        options = {"max_restarts": cfg.max_restarts, "max_task_retries": cfg.max_task_retries}
+        handles = [Retriever.options(**where, **options).remote(str(index_dir), shard, cfg)
+                   for shard, where in enumerate(placed.options)]  # fmt: skip
         retriever = cls(handles, cfg, str(index_dir))
         if wait:
             retriever.wait_ready()

@@ -70,6 +70,7 @@ from actors.tools import (
     ToolRegistry,
     ToolResult,
 )
+from cluster.resources import Placement
 
 log = logging.getLogger(__name__)
 
@@ -819,12 +820,14 @@ class SandboxPool:
             raise ValueError(f"sandbox.num_actors={self.cfg.num_actors} must be >= 1")
         self._registry = ray.put(registry)  # one copy in the object store, reused by restarts and replacements
         self._lock = threading.Lock()
-        self.actors = [self._start() for _ in range(self.cfg.num_actors)]
+        self._placed = Placement.of_actor(self.cfg, "sandbox").reserve(self.cfg.num_actors)
+        self.actors = [self._start(slot) for slot in range(self.cfg.num_actors)]
         self._turn = itertools.count()
         self.replaced = 0
 
-    def _start(self):
-        return ToolSandbox.options(num_cpus=self.cfg.num_cpus, max_restarts=self.cfg.max_restarts,
+    def _start(self, slot: int):
+        """The actor of `slot`, in that slot's place (its placement-group bundle when the pool has a strategy)."""
+        return ToolSandbox.options(**self._placed.options[slot], max_restarts=self.cfg.max_restarts,
                                    max_task_retries=self.cfg.max_task_retries,
                                    max_concurrency=self.cfg.max_concurrency).remote(self._registry, asdict(self.cfg))  # fmt: skip
 
@@ -836,7 +839,7 @@ class SandboxPool:
         with self._lock:
             if self.actors[slot] is actor:
                 log.warning("sandbox actor in slot %d is dead; starting a new one", slot)
-                self.actors[slot] = self._start()
+                self.actors[slot] = self._start(slot)
                 self.replaced += 1
 
     def _wait(self, refs: list, timeout_s: float, slots: list[tuple[int, Any]]) -> list:

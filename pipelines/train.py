@@ -444,11 +444,13 @@ def run_training(
     resume: bool = False,
     name: str = "train",
     placement_strategy: str = "PACK",
+    placement: Any = None,
 ) -> TrainResult:
     """Train on `rows` (dicts, a pyarrow Table or a Ray Dataset) with Ray Train; return the final checkpoint folder.
 
     The run lives in `out_dir/<name>`: rerunning with `resume=True` continues from its last checkpoint; without it,
-    an existing run is an error rather than silently overwritten.
+    an existing run is an error rather than silently overwritten. A `cluster.resources.Placement` (from
+    `Placement.of_trainer(cfg.trainer)`) replaces cpus_per_worker / use_gpu / placement_strategy with the whole config.
     """
     import pyarrow as pa
     import ray
@@ -478,10 +480,10 @@ def run_training(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"settings": asdict(settings)},
-        scaling_config=ray.train.ScalingConfig(
+        scaling_config=ray.train.ScalingConfig(**(placement.scaling_config(num_workers) if placement else dict(
             num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker},
             placement_strategy=placement_strategy,
-        ),
+        ))),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=str(storage),
@@ -518,6 +520,7 @@ def read_training_rows(folder: str | os.PathLike):
 
 
 def main_entry(cfg) -> TrainResult:
+    from cluster.resources import Placement
     from pipelines.jobs import start_job
     from pipelines.report import plot_curves
 
@@ -531,7 +534,7 @@ def main_entry(cfg) -> TrainResult:
     print(f"Training {settings.objective} on {dataset.count()} {kind} rows from {cfg.data.path}", flush=True)
     result = run_training(
         dataset, settings, out, cfg.trainer.num_workers, cfg.trainer.cpus_per_worker, cfg.trainer.use_gpu,
-        cfg.trainer.max_failures, cfg.trainer.resume, placement_strategy=cfg.trainer.placement_strategy,
+        cfg.trainer.max_failures, cfg.trainer.resume, placement=Placement.of_trainer(cfg.trainer),
     )
     if result.history:
         plot_curves(result.history, "step", ["loss"], out / "train_loss.png", title=f"{settings.objective} loss")

@@ -1,6 +1,6 @@
 """Placement from config (cluster/resources.py): the options Ray gets, the errors a user gets, and where actors land.
 
-The multi-node test runs our real actors (LLMEngine on the tiny policy, Retriever on a small BM25 index, ToolSandbox)
+The multi-node test starts our real actors through their launchers (start_engines, ShardedRetriever.launch, SandboxPool)
 and a Ray Train worker on a ray.cluster_utils.Cluster whose two worker nodes advertise different custom resources,
 in a subprocess: a process joins one Ray cluster at a time and the rest of the suite shares another.
 """
@@ -80,14 +80,13 @@ def test_bad_placement_names_the_key(changes, message):
 SCRIPT = textwrap.dedent(
     """
     import json, sys
-    from dataclasses import asdict
     import ray
     from ray.cluster_utils import Cluster
 
     from actors.config import EngineConfig, RetrieverConfig, SandboxConfig
-    from actors.llm import LLMEngine
-    from actors.retriever import Retriever, build_index_in_process
-    from actors.sandbox import ToolSandbox
+    from actors.llm import start_engines
+    from actors.retriever import ShardedRetriever, build_index_in_process
+    from actors.sandbox import SandboxPool
     from actors.tools import ToolRegistry
     from cluster.resources import Placement, PlacementError
     from pipelines.config import TrainerConfig
@@ -103,8 +102,7 @@ SCRIPT = textwrap.dedent(
 
     # an engine on the GPU node type (custom resource + accelerator type), answering from there
     engine_cfg = EngineConfig(max_model_len=512, resources={"gpu_node": 0.01}, accelerator_type="A10G")
-    engine_options = Placement.of_actor(engine_cfg, "engine").actor_options()
-    engine = LLMEngine.options(**engine_options, max_concurrency=1000).remote(model_path, asdict(engine_cfg), "float32")
+    (engine,) = start_engines(model_path, engine_cfg)
     generated = ray.get(engine.generate.remote([[5, 6, 7]], {"max_tokens": 3, "temperature": 0}), timeout=300)
     out["engine"] = {"node": node_of(engine), "tokens": len(generated[0].completions[0].token_ids)}
 
@@ -113,25 +111,22 @@ SCRIPT = textwrap.dedent(
                                     dev_questions=2, test_questions=2))
     retriever_cfg = RetrieverConfig(kind="bm25", resources={"cpu_node": 0.01})
     build_index_in_process(world.documents(), retriever_cfg, index_dir)
-    retriever = Retriever.options(**Placement.of_actor(retriever_cfg, "retriever").actor_options()).remote(
-        index_dir, 0, retriever_cfg)
+    (retriever,) = ShardedRetriever.launch(index_dir, retriever_cfg).handles
     hits = ray.get(retriever.search.remote([world.documents()[0]["text"]], 3), timeout=300)
     out["retriever"] = {"node": node_of(retriever), "hits": len(hits[0])}
     registry = ToolRegistry.from_functions(world.tools(), world.tool_functions())
-    sandbox_cfg = SandboxConfig(resources={"cpu_node": 0.01})
-    sandbox = ToolSandbox.options(**Placement.of_actor(sandbox_cfg, "sandbox").actor_options()).remote(
-        registry, asdict(sandbox_cfg))
+    sandbox_cfg = SandboxConfig(num_actors=1, resources={"cpu_node": 0.01})
+    (sandbox,) = SandboxPool(registry, sandbox_cfg).actors
     result = ray.get(sandbox.call.remote({"name": "no_such_tool", "arguments": {}}), timeout=300)
     out["sandbox"] = {"node": node_of(sandbox), "error": result.error.code if result.error else None}
 
     # placement groups: two sandboxes STRICT_SPREAD land on two nodes, STRICT_PACK on one
     for strategy in ("STRICT_SPREAD", "STRICT_PACK"):
-        placed = Placement.of_actor(SandboxConfig(num_cpus=0.25, placement_strategy=strategy), "sandbox").reserve(2, 60)
-        actors = [ToolSandbox.options(**o).remote(registry, asdict(sandbox_cfg)) for o in placed.options]
-        out[strategy] = sorted({node_of(a) for a in actors}).__len__()
-        for a in actors:
+        pool = SandboxPool(registry, SandboxConfig(num_actors=2, num_cpus=0.25, placement_strategy=strategy))
+        out[strategy] = len({node_of(a) for a in pool.actors})
+        for a in pool.actors:
             ray.kill(a)
-        placed.release()
+        pool._placed.release()
 
     # a group that cannot fit fails with the key, not a hang
     try:

@@ -67,6 +67,7 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
     from actors.llm import EnginePool, start_engines
     from actors.retriever import ShardedRetriever
     from agents.exsearch import DemonstrationPolicy, ExSearchAgent, ExSearchConfig
+    from cluster.resources import Placement
     from pipelines.generate import EStepConfig, run_exsearch_estep
     from pipelines.index import build_index
     from pipelines.qa_eval import evaluate_exsearch
@@ -104,7 +105,8 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
                                              epochs=10_000, max_steps=recipe.warm_start_steps, lr_schedule="cosine")
         print(f"[warm start] SFT on {len(rows)} demonstrations for {recipe.warm_start_steps} steps", flush=True)
         trained = run_training(rows, settings, warm_dir, cfg.trainer.num_workers, cfg.trainer.cpus_per_worker,
-                               cfg.trainer.use_gpu, cfg.trainer.max_failures, resume=True, name="sft")
+                               cfg.trainer.use_gpu, cfg.trainer.max_failures, resume=True, name="sft",
+                               placement=Placement.of_trainer(cfg.trainer))
         engines = start_engines(trained.checkpoint, cfg.engine, cfg.model.dtype)
         agent = ExSearchAgent(EnginePool(engines, cfg.engine.request_timeout_s), retriever, tokenizer, agent_cfg)
         dev_metrics, _ = evaluate_exsearch(agent, dev)
@@ -142,7 +144,7 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
                 if table.num_rows >= settings.batch_size:
                     trained = run_training(table, settings, folder, cfg.trainer.num_workers,
                                            cfg.trainer.cpus_per_worker, cfg.trainer.use_gpu, cfg.trainer.max_failures,
-                                           resume=True, name="mstep")
+                                           resume=True, name="mstep", placement=Placement.of_trainer(cfg.trainer))
                     checkpoint = str(trained.checkpoint)
                 else:  # rejection sampling can keep too little to train on: the policy stays as it was
                     checkpoint = current["checkpoint"]
