@@ -48,6 +48,16 @@ from actors.tools import (
 )
 from agents.conagents import PROGRAM_CLOSE, PROGRAM_OPEN, banner, check_task, program_code, tagged
 from agents.toolcall import (
+    error_fields,
+    merge_schemas,
+    parse_calls,
+    render_errors,
+    render_results,
+    render_tool,
+    response_schema,
+    value_schema,
+)
+from agents.toolrun import (
     CallTools,
     ModelTurn,
     RunProgram,
@@ -55,17 +65,9 @@ from agents.toolcall import (
     ToolRun,
     add_observation,
     add_turn,
-    error_fields,
     error_record,
-    merge_schemas,
-    parse_calls,
-    render_errors,
-    render_results,
-    render_tool,
     require_at_least,
-    response_schema,
     run_lockstep,
-    value_schema,
 )
 
 

@@ -29,7 +29,7 @@ tools' answers are masked observations:
                 (large: "Response: 1432 characters of {schema}; it starts ..." then <program>print(...)</program>)
 
 Roles share one engine or use separate ones (`role_engines` maps each role to an engine name). Runs of a batch are
-advanced in lock step (`agents/toolcall.run_lockstep`).
+advanced in lock step (`agents/toolrun.run_lockstep`).
 """
 
 from __future__ import annotations
@@ -42,6 +42,13 @@ from typing import Any
 
 from actors.tools import EXECUTION_ERROR, SYNTAX_ERROR, UNKNOWN_TOOL, ToolError
 from agents.toolcall import (
+    parse_calls,
+    render_errors,
+    render_results,
+    render_tools,
+    response_schema,
+)
+from agents.toolrun import (
     CallTools,
     ModelTurn,
     RunProgram,
@@ -50,12 +57,7 @@ from agents.toolcall import (
     add_observation,
     add_turn,
     error_record,
-    parse_calls,
-    render_errors,
-    render_results,
-    render_tools,
     require_at_least,
-    response_schema,
     run_lockstep,
 )
 

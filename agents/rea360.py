@@ -33,6 +33,12 @@ from typing import Any
 from actors.tools import SYNTAX_ERROR, ToolError
 from agents.conagents import banner, check_task, resolve_engines, tagged
 from agents.toolcall import (
+    parse_calls,
+    render_errors,
+    render_results,
+    render_tools,
+)
+from agents.toolrun import (
     CallTools,
     ModelTurn,
     ToolAgentConfig,
@@ -40,10 +46,6 @@ from agents.toolcall import (
     add_observation,
     add_turn,
     error_record,
-    parse_calls,
-    render_errors,
-    render_results,
-    render_tools,
     require_at_least,
     run_lockstep,
 )
