@@ -248,3 +248,75 @@ class EvaluateJobConfig(ToolSeekConfig):
 
 EVALUATE_SCHEMA_NAME = "toolseek_evaluate_schema"
 ConfigStore.instance().store(name=EVALUATE_SCHEMA_NAME, node=EvaluateJobConfig)
+
+
+@dataclass
+class StudySettings:
+    """One setting of every factor the study varies: the baseline, and each run's values (pipelines/study.py)."""
+
+    temperature: float = 0.7
+    """Decoding temperature of every model turn (0 = greedy: every seed gives the same run)."""
+    max_steps: int = 4
+    """Searches allowed before a run is cut off."""
+    top_k: int = 2
+    """Passages retrieved per search."""
+    doc_order: str = "retrieved"
+    """The order passages are shown in: `retrieved` (best first), `reversed` or `shuffled` (seeded)."""
+    corpus_fraction: float = 1.0
+    """Share of the non-gold passages kept in the index (every passage a studied question needs stays): the size of
+    the pool the agent searches."""
+    prompt: str = "plain"
+    """The system prompt: a name in pipelines.study.PROMPTS (`plain` is the one the policy was trained on)."""
+    paraphrase: str = "none"
+    """How each question is reworded before the agent sees it: a name in pipelines.study.PARAPHRASES."""
+
+
+@dataclass
+class StudyLevels:
+    """The levels swept per factor, one factor at a time around the baseline (the others held at the baseline)."""
+
+    temperature: list[float] = field(default_factory=lambda: [0.0, 0.7, 1.0])
+    max_steps: list[int] = field(default_factory=lambda: [1, 4])
+    top_k: list[int] = field(default_factory=lambda: [1, 2, 4])
+    doc_order: list[str] = field(default_factory=lambda: ["retrieved", "reversed", "shuffled"])
+    corpus_fraction: list[float] = field(default_factory=lambda: [0.25, 1.0])
+    prompt: list[str] = field(default_factory=lambda: ["plain", "instructed"])
+    paraphrase: list[str] = field(default_factory=lambda: ["none", "lowercase", "prefixed"])
+
+
+@dataclass
+class StudyConfig:
+    """The factor study's grid, seeds, questions and the warm start that gives it a policy worth studying."""
+
+    factors: list[str] = field(default_factory=lambda: ["temperature", "max_steps", "top_k", "doc_order",
+                                                        "corpus_fraction", "prompt", "paraphrase"])  # fmt: skip
+    """Which factors to sweep (names of StudySettings fields)."""
+    baseline: StudySettings = field(default_factory=StudySettings)
+    levels: StudyLevels = field(default_factory=StudyLevels)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Sampling seeds (and shuffle seeds): each setting runs once per seed; the table reports mean, std, stability."""
+    questions: int = 30
+    """Held-out test questions of the world each run answers (the same questions in every run)."""
+    metric: str = "valid_rate"
+    """The metric the stability score, the factor summary and the plots use: em, f1, acc, valid_rate or
+    mean_searches. `valid_rate` by default: the tiny policy learns the protocol in a short warm start but hardly any
+    answers, so its F1 is near zero everywhere; with a real policy (`study.policy_path`) use `f1`."""
+    tolerance: float = 0.05
+    """Stability = share of seeds whose metric lies within ±tolerance (absolute) of the mean over seeds."""
+    policy_path: str | None = None
+    """A trained policy folder to study; empty = build the tiny policy and SFT it on ExSearch demonstrations here."""
+    warm_start_questions: int = 120
+    warm_start_steps: int = 150
+    warm_start_lr: float = 3e-3
+    warm_start_batch_size: int = 8
+
+
+@dataclass
+class StudyJobConfig(ToolSeekConfig):
+    """The factor study's root (`python -m pipelines.study`): the main job's groups plus the study's grid."""
+
+    study: StudyConfig = field(default_factory=StudyConfig)
+
+
+STUDY_SCHEMA_NAME = "toolseek_study_schema"
+ConfigStore.instance().store(name=STUDY_SCHEMA_NAME, node=StudyJobConfig)

@@ -9,9 +9,16 @@ import numpy as np
 from pipelines.qa_metrics import accuracy, exact_match, f1_score
 
 
-def evaluate_exsearch(agent, questions: Sequence[dict], greedy: bool = True) -> tuple[dict[str, float], list[dict]]:
+def evaluate_exsearch(agent, questions: Sequence[dict], greedy: bool = True,
+                      seed: int | None = None) -> tuple[dict[str, float], list[dict]]:
     """Run the agent once per question (greedy by default) and score its answers against the gold answers."""
-    runs = agent.run([{"id": q["id"], "question": q["question"]} for q in questions], samples=1, greedy=greedy)
+    runs = agent.run([{"id": q["id"], "question": q["question"]} for q in questions], samples=1, greedy=greedy,
+                     seed=seed)
+    return score_exsearch(questions, runs)
+
+
+def score_exsearch(questions: Sequence[dict], runs: Sequence) -> tuple[dict[str, float], list[dict]]:
+    """EM / F1 / accuracy / validity / searches of one trajectory per question (in question order)."""
     rows = []
     for q, t in zip(questions, runs, strict=True):
         searches = sum(1 for s in t.steps if s.role == "search")
