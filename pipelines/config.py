@@ -229,6 +229,9 @@ class EvaluateConfig:
     """The shared data folder with tools/ (for data.source=toolset); empty = ../shared/data beside the repo."""
     run_name: str | None = None
     """The run tag in the TREC run file; empty = `<kind>[-<index>][+instr]`."""
+    tool_tasks: list[str] = field(default_factory=list)
+    """task=instructed: the tool-retrieval tasks to score with and without their instructions (names in
+    pipelines/data/toolsets.py TOOL_TASKS); empty = every task whose data is present under the shared folder."""
 
 
 @dataclass

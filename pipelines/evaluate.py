@@ -35,6 +35,16 @@ writes `toolcall_accuracy.md|csv` (per category), `toolcall_errors.md|csv` (erro
 supporting-passage recall when predictions name passages) and `answers.jsonl`; with `predictions=retrieval` it
 indexes the set's passages in-process (LocalRetriever) and writes `qa_retrieval.md|csv`: supporting-passage
 Recall@k, all-supporting C@k and the share of questions whose gold answer occurs in the top k passages.
+
+Instructed retrieval (MAIR / ToolRet: each query carries an instruction; the task format is a BEIR folder whose
+queries have an `instruction` field, pipelines/data/beir.py), scored with and without the instruction, in-process:
+
+    python -m pipelines.evaluate task=instructed retriever=bm25|dense_flat evaluate.max_queries=200
+    python -m pipelines.evaluate task=instructed evaluate.tool_tasks=[seal_tools,bfcl]   # chosen tool tasks
+    python -m pipelines.evaluate task=instructed data.path=<BEIR folder with instructions>
+
+Every tool-retrieval task of pipelines/data/toolsets.py whose data is present (or those named) is indexed once and
+searched twice; `instructed_retrieval.md|csv` holds nDCG@10, Recall@10 and MRR@10 without, with, and the difference.
 """
 
 from __future__ import annotations
@@ -57,7 +67,7 @@ from pipelines.metrics import Run, evaluate_run, ranked_doc_ids
 
 log = logging.getLogger(__name__)
 
-TASKS = ("retrieval", "toolcall", "qa")
+TASKS = ("retrieval", "toolcall", "qa", "instructed")
 SOURCES = ("auto", "synthetic", "beir", "toolset")
 METRIC_ORDER = ("ndcg@1", "ndcg@5", "ndcg@10", "ndcg@100", "recall@5", "recall@10", "recall@20", "recall@100",
                 "mrr@10", "map@100", "c@5", "c@10", "c@20")  # fmt: skip
@@ -386,6 +396,76 @@ def run_qa(cfg: DictConfig, out: Path) -> dict:
     return result
 
 
+INSTRUCTED_METRICS = ("ndcg@10", "recall@10", "mrr@10")
+
+
+def search_in_process(task: RetrievalTask, retriever_cfg: Any, index_dir: Path) -> Any:
+    """A LocalRetriever over the task's corpus: its index built once in `index_dir` (reused when it matches)."""
+    from actors.retriever import LocalRetriever, build_index_in_process, corpus_fingerprint, doc_table, load_index
+    from pipelines.index import reusable
+
+    table = doc_table(task.corpus)
+    if not reusable(index_dir, retriever_cfg, corpus_fingerprint(table)):
+        build_index_in_process(table, retriever_cfg, index_dir)
+    return LocalRetriever(load_index(index_dir, retriever_cfg))
+
+
+def instructed_row(task: RetrievalTask, retriever: Any, cfg: DictConfig, tag: str) -> dict:
+    """One task scored twice on the same index: the bare query, then the query with its instruction."""
+    depth = max(cfg.evaluate.depth, 10)
+    row: dict[str, Any] = {"task": task.name, "queries": len(task.queries), "corpus": len(task.corpus),
+                           "instructed": sum(q in task.instructions for q in task.queries), "retriever": tag}  # fmt: skip
+    scores = {}
+    for use_instructions in (False, True):
+        run = retrieve(retriever, task, depth, use_instructions, cfg.evaluate.query_batch_size)
+        scores[use_instructions] = evaluate_run(run, task.qrels, ndcg_ks=(10,), recall_ks=(10,))
+    for metric in INSTRUCTED_METRICS:
+        row[f"{metric}"], row[f"{metric} +instr"] = scores[False][metric], scores[True][metric]
+        row[f"{metric} delta"] = scores[True][metric] - scores[False][metric]
+    return row
+
+
+def run_instructed(cfg: DictConfig, out: Path) -> dict:
+    """Instructed retrieval (MAIR / ToolRet): every tool-retrieval task of `evaluate.tool_tasks` (or `data.path`, a
+    BEIR folder whose queries carry an `instruction` field) with and without the instruction, in this process."""
+    from pipelines.data.toolsets import DEFAULT_SHARED_ROOT, TOOL_TASKS, load_tool_task
+    from pipelines.report import markdown_table, write_table
+
+    retriever_cfg = as_retriever_config(cfg.retriever)
+    root = Path(cfg.evaluate.shared_root) if cfg.evaluate.shared_root else DEFAULT_SHARED_ROOT
+    limit = cfg.evaluate.max_queries
+    if cfg.data.path and (Path(cfg.data.path) / CORPUS).is_file():
+        loaders = {Path(cfg.data.path).name: lambda: load_beir(cfg.data.path, cfg.evaluate.split)}
+    else:
+        names = list(cfg.evaluate.tool_tasks) or list(TOOL_TASKS)
+        unknown = [n for n in names if n not in TOOL_TASKS]
+        if unknown:
+            raise ValueError(f"evaluate.tool_tasks: {unknown} not among {sorted(TOOL_TASKS)}")
+        loaders = {name: (lambda name=name: load_tool_task(name, root, max_queries=limit)) for name in names}
+    rows, skipped = [], {}
+    for name, load in loaders.items():
+        try:
+            task = cap_queries(load(), limit)
+        except FileNotFoundError as error:
+            if cfg.evaluate.tool_tasks:  # asked for by name: its absence is an error, not a silent gap
+                raise
+            skipped[name] = str(error)
+            continue
+        if not task.instructions:
+            raise ValueError(f"task {name!r}: its queries carry no instruction; nothing to compare")
+        base = Path(retriever_cfg.index_dir) if retriever_cfg.index_dir else out / "index"
+        retriever = search_in_process(task, retriever_cfg, base / name)
+        rows.append(instructed_row(task, retriever, cfg, run_tag(retriever_cfg, False)))
+        print(markdown_table(rows[-1:]), flush=True)
+    if not rows:
+        raise FileNotFoundError(f"task=instructed: no tool task found under {root} ({skipped})")
+    write_table(rows, out, "instructed_retrieval", f"Retrieval with and without instructions ({rows[0]['retriever']})")
+    result = {"task": "instructed", "rows": rows, "skipped": skipped}
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nRetrieval with and without instructions\n\n{markdown_table(rows)}", flush=True)
+    return result
+
+
 def run_job(cfg: DictConfig) -> dict:
     """The whole job on a composed config (the entry point, and tests through Hydra's compose API)."""
     from pipelines.jobs import output_dir, start_job
@@ -398,7 +478,7 @@ def run_job(cfg: DictConfig) -> dict:
     else:  # scored in this process: no cluster to reach
         out = output_dir(cfg)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        result = (run_toolcall if cfg.task == "toolcall" else run_qa)(cfg, out)
+        result = {"toolcall": run_toolcall, "qa": run_qa, "instructed": run_instructed}[cfg.task](cfg, out)
     print(f"\nResults in {out}", flush=True)
     return result
 
