@@ -216,6 +216,18 @@ def demonstration_turns(decomposition: Sequence[dict], answer: str, cfg: ExSearc
     return turns
 
 
+def grounded(trajectory: Trajectory, question: dict, cfg: ExSearchConfig) -> bool:
+    """Whether a gold run saw every hop's gold passage: the retriever returned it (by id) at that hop.
+
+    A demonstration whose retriever missed still records the gold fact, which teaches the model to write facts it was
+    not shown (memorising instead of reading); the warm start keeps grounded runs only.
+    """
+    seen = [set((s.text or "").split("\n")) for s in trajectory.steps if s.role == cfg.documents_tag]
+    hops = question["decomposition"]
+    return trajectory.valid and len(seen) >= len(hops) and all(
+        step["passage_id"] in ids for step, ids in zip(hops, seen, strict=False))
+
+
 class DemonstrationPolicy:
     """A scripted policy that writes the gold run of each question: the warm start's demonstrations.
 

@@ -14,6 +14,7 @@ from omegaconf import MISSING
 
 from actors.config import EngineConfig, ModelConfig, RetrieverConfig, SandboxConfig
 from agents.exsearch import ExSearchConfig
+from agents.selector import SelectorConfig
 from cluster.config import ClusterConfig
 from pipelines.data.world import WorldConfig
 from pipelines.generate import EStepConfig
@@ -44,6 +45,10 @@ class ExSearchRecipeConfig:
     sample), `rejection` (SFT on the samples that reached the gold answer)."""
     warm_start_questions: int = 80
     """Training questions whose scripted gold runs form the warm start's demonstrations."""
+    warm_start_worlds: int = 0
+    """Other seeded worlds whose gold runs join the demonstrations (fresh names: what teaches a tiny model to copy)."""
+    warm_start_world_questions: int = 300
+    """Train questions per other world."""
     warm_start_steps: int = 300
     warm_start_lr: float = 3e-3
     estep_questions: int = 200
@@ -55,6 +60,85 @@ class ExSearchRecipeConfig:
     keep_best: bool = True
     """Keep an iteration's checkpoint only if dev EM did not fall (the loop is unstable at a constant LR)."""
     agent: ExSearchConfig = field(default_factory=ExSearchConfig)
+    estep: EStepConfig = field(default_factory=EStepConfig)
+
+
+@dataclass
+class ToolRetRecipeConfig:
+    """Contrastive fine-tuning of the embedder for tool retrieval (pipelines/recipes/toolret.py):
+    `conf/recipe/toolret.yaml`. Ray Train workers take their CPU share and placement from `trainer.*`."""
+
+    name: str = "toolret"
+    source: str = "auto"
+    """`shared` (the tool sets under `shared_root`), `synthetic` (the world's tool tasks) or `auto` (shared when
+    `shared_root/tools` exists)."""
+    shared_root: str | None = None
+    """The shared data folder holding tools/; empty = ../shared/data beside the repo."""
+    datasets: list[str] = field(default_factory=lambda: ["apibench_tensorflowhub", "apibench_torchhub",
+                                                         "apibench_huggingface"])  # fmt: skip
+    """Tool sets (pipelines/data/toolsets.py TOOL_TASKS) trained on together and evaluated one by one."""
+    test_tool_fraction: float = 0.25
+    """Share of each dataset's tools held out with their queries: the `unseen_tools` test group."""
+    test_query_fraction: float = 0.25
+    """Share of the remaining queries held out: the `seen_tools` test group."""
+    max_train_queries: int = 300
+    """Training queries per dataset (a seeded sample)."""
+    max_test_queries: int = 120
+    """Test queries per dataset and test group."""
+    hard_negatives: int = 1
+    """Mined hard negatives per training pair (from the untrained retriever's ranking)."""
+    mine_depth: int = 10
+    """Hard negatives are drawn from this many top non-relevant hits."""
+    steps: int = 40
+    batch_size: int = 32
+    """Pairs per optimizer step over all workers (fewer when the tools cannot fill it with true negatives)."""
+    num_workers: int = 2
+    """Ray Train workers of the embedder's training (its policy counterpart is trainer.num_workers)."""
+    lr: float = 3e-5
+    lr_schedule: str = "linear"
+    warmup_steps: int = 4
+    weight_decay: float = 0.01
+    temperature: float = 0.05
+    max_seq_length: int = 128
+    """Encoder truncation in training and evaluation (tool documents average ~160 MiniLM tokens; measured on these
+    sets, 128 scores like 256 at half the cost)."""
+    freeze_embeddings: bool = False
+    checkpoint_every: int = 0
+    report_every: int = 10
+    instructions: bool = True
+    """Also evaluate with each dataset's instruction (`Instruct: ...\\nQuery: ...`); training never uses them."""
+    depth: int = 100
+    eval_batch_size: int = 64
+    eval_cpus: float = 1.0
+    """CPUs per evaluation task (one per dataset and encoder, run side by side)."""
+    eval_timeout_s: float = 1800.0
+
+
+@dataclass
+class DRORecipeConfig:
+    """DRO's warm start and EM over document permutations (pipelines/recipes/dro.py): `conf/recipe/dro.yaml`."""
+
+    name: str = "dro"
+    iterations: int = 3
+    """EM iterations after the warm start."""
+    warm_start_questions: int = 150
+    """Training questions (single-hop, from the world's decompositions) whose scripted selection and answer form the
+    warm start's SFT rows."""
+    warm_start_steps: int = 200
+    warm_start_lr: float = 3e-3
+    estep_questions: int = 150
+    """Training questions (disjoint from the warm start's) sampled in every E-step."""
+    mstep_lr: float = 2e-3
+    mstep_epochs: int = 1
+    dev_questions: int = 60
+    """Held-out questions that decide whether an iteration's checkpoint is kept."""
+    eval_questions: int = 150
+    """Held-out test questions of the results table."""
+    keep_best: bool = True
+    """Keep an iteration's checkpoint only if dev Recall@K + EM did not fall."""
+    shuffle_candidates: bool = True
+    """Show the retriever's top N in a seeded per-question order, so the retriever's ranking is no hint."""
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
     estep: EStepConfig = field(default_factory=EStepConfig)
 
 
@@ -196,7 +280,7 @@ class ToolSeekConfig:
 SCHEMA_NAME = "toolseek_schema"
 
 
-RECIPE_SCHEMAS: dict[str, type] = {"exsearch": ExSearchRecipeConfig}
+RECIPE_SCHEMAS: dict[str, type] = {"exsearch": ExSearchRecipeConfig, "toolret": ToolRetRecipeConfig, "dro": DRORecipeConfig}
 """Recipe name -> its schema. A new recipe adds its dataclass here and `defaults: [<name>_schema, _self_]` to its YAML."""
 
 
@@ -229,6 +313,8 @@ class EvaluateConfig:
     """The shared data folder with tools/ (for data.source=toolset); empty = ../shared/data beside the repo."""
     run_name: str | None = None
     """The run tag in the TREC run file; empty = `<kind>[-<index>][+instr]`."""
+    max_new_tokens: int = 128
+    """task=toolcall predictions=agent: tokens the policy may write per question (greedy, stops at `</calls>`)."""
     tool_tasks: list[str] = field(default_factory=list)
     """task=instructed: the tool-retrieval tasks to score with and without their instructions (names in
     pipelines/data/toolsets.py TOOL_TASKS); empty = every task whose data is present under the shared folder."""

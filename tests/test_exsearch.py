@@ -95,3 +95,42 @@ def test_real_engine_trajectories_rescore_to_their_sampling_logprobs(small_world
         assert max(abs(rescored[i] - t.logprobs[i]) for i in generated) < 1e-4
         context, continuation = answer_scoring_pair(t, "Kalovren", tokenizer, cfg)
         assert tokenizer.decode(continuation) == "<answer>Kalovren</answer>" and context[: len(t.prompt_ids)] == t.prompt_ids
+
+
+class _MissingHop:
+    """The real searcher, except that one question's second search returns another passage (a retrieval miss)."""
+
+    def __init__(self, searcher, wrong: dict):
+        self.searcher, self.wrong, self.calls = searcher, wrong, 0
+
+    def search(self, queries, k):
+        self.calls += 1
+        results = self.searcher.search(queries, k)
+        return [[self.wrong] if self.calls == 2 and i == 0 else hits for i, hits in enumerate(results)]
+
+
+def test_gold_runs_keep_only_demonstrations_that_saw_every_gold_passage(small_world, searcher, tokenizer):
+    from agents.exsearch import DemonstrationPolicy, grounded
+
+    cfg = ExSearchConfig(max_steps=4, top_k=1, doc_chars=400)
+    questions = [q for q in small_world.questions("dev") if q["kind"] == "bridge" and q["hops"] == 2][:3]
+    distractor = next(d for d in small_world.documents() if d["is_distractor"])
+    agent = ExSearchAgent(DemonstrationPolicy(tokenizer, questions, cfg), _MissingHop(searcher, distractor), tokenizer,
+                          cfg)
+    runs = agent.run([{"id": q["id"], "question": q["question"]} for q in questions])
+    verdicts = [grounded(t, q, cfg) for q, t in zip(questions, runs, strict=True)]
+    assert all(t.answer == q["answers"][0] for q, t in zip(questions, runs, strict=True))  # the gold run writes it anyway
+    assert verdicts == [False, True, True]
+
+
+def test_other_worlds_add_gold_runs_with_names_this_world_does_not_have(small_world, tokenizer):
+    from pipelines.recipes.exsearch import extra_world_runs
+
+    cfg = ExSearchConfig(max_steps=4, top_k=1, doc_chars=400)
+    runs = extra_world_runs(small_world, small_world.cfg, 2, 20, tokenizer, cfg)
+    names = {d["title"] for d in small_world.documents()}
+    texts = [tokenizer.decode(t.prompt_ids) for t in runs]
+    assert 20 <= len(runs) <= 40 and len({t.example_id for t in runs}) == len(runs)
+    assert {t.example_id.split('-q-')[0] for t in runs} == {f'world{small_world.cfg.seed + 10_000 + i}' for i in (0, 1)}
+    assert not any(name in text for text in texts for name in names)
+    assert all(t.valid and t.answer for t in runs)
