@@ -36,13 +36,14 @@ def rate(label: str, count: int, run: Callable[[], object]) -> tuple[str, float]
     return label, count / (time.perf_counter() - started)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, default=2000, help="calls per measurement")
-    parser.add_argument("--actors", type=int, default=2, help="ToolSandbox actors in the pool")
-    parser.add_argument("--programs", type=int, default=40, help="trivial programs to run")
-    args = parser.parse_args(argv)
+def checked(results: list) -> None:
+    """Every pooled answer must be right: a fast wrong answer is no throughput."""
+    bad = [r for r in results if not (r.ok and r.output == "5")]
+    assert not bad, f"{len(bad)} calls failed, e.g. {bad[0]}"
 
+
+def make_pool(actors: int):
+    """(the bare `calculate` function, its ToolRegistry, a SandboxPool of `actors` actors) on a connected Ray."""
     from actors.config import SandboxConfig
     from actors.sandbox import SandboxPool
     from actors.tools import ToolRegistry
@@ -53,18 +54,22 @@ def main(argv: list[str] | None = None) -> None:
     world = build_world()
     functions = world.tool_functions()
     registry = ToolRegistry.from_functions(world.tools(), functions)
-    calculate = functions["calculate"]
-    n = args.calls
-
     connect(ClusterConfig(num_cpus=2, include_dashboard=False))
-    pool = SandboxPool(registry, SandboxConfig(num_actors=args.actors))
+    return functions["calculate"], registry, SandboxPool(registry, SandboxConfig(num_actors=actors))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=2000, help="calls per measurement")
+    parser.add_argument("--actors", type=int, default=2, help="ToolSandbox actors in the pool")
+    parser.add_argument("--programs", type=int, default=40, help="trivial programs to run")
+    args = parser.parse_args(argv)
+
+    calculate, registry, pool = make_pool(args.actors)
+    n = args.calls
     info = pool.info()
     assert pool.call(CALL).output == "5", "the pool does not answer correctly"
     pool.map([CALL] * 200)  # warm up workers and connections
-
-    def checked(results: list) -> None:
-        bad = [r for r in results if not (r.ok and r.output == "5")]
-        assert not bad, f"{len(bad)} calls failed, e.g. {bad[0]}"
 
     rows = [
         rate("in-process function", n, lambda: [calculate(**CALL["arguments"]) for _ in range(n)]),

@@ -1,0 +1,220 @@
+"""The benchmark suite's bookkeeping: A/B alternation, median and spread, targets, the BENCHMARKS.md table.
+
+Speed figures on a shared 2-core machine drift by tens of percent within a minute, so a ratio is only meaningful
+when both sides are measured in the same run, interleaved (A, B, A, B, ...), and reported with their spread. Each
+benchmark module returns `Figure`s (and `Curve`s for scaling plots); this module turns them into the report and
+knows nothing about what was measured.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def median(values: Sequence[float]) -> float:
+    if not values:
+        raise ValueError("median of no values")
+    return float(statistics.median(values))
+
+
+def spread(values: Sequence[float]) -> float:
+    """Half the range relative to the median (0.05 = the repeats lie within about +-5% of the median)."""
+    middle = median(values)
+    if middle == 0:
+        return 0.0
+    return (max(values) - min(values)) / 2 / abs(middle)
+
+
+def alternate(a: Callable[[], float], b: Callable[[], float], repeats: int) -> tuple[list[float], list[float]]:
+    """`repeats` measurements of each side, interleaved A, B, A, B so that drift in machine load hits both alike."""
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats} must be >= 1")
+    first, second = [], []
+    for _ in range(repeats):
+        first.append(float(a()))
+        second.append(float(b()))
+    return first, second
+
+
+def timed(run: Callable[[], object]) -> float:
+    """Wall-clock seconds of one call."""
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal from issue 13: `on` the ratio or on ToolSeek's own value, `op` '>=' or '<='."""
+
+    value: float
+    op: str = ">="
+    on: str = "ratio"
+
+    def __post_init__(self) -> None:
+        if self.op not in (">=", "<="):
+            raise ValueError(f"target op={self.op!r} must be '>=' or '<='")
+        if self.on not in ("ratio", "toolseek"):
+            raise ValueError(f"target on={self.on!r} must be 'ratio' or 'toolseek'")
+
+    def met(self, figure: Figure) -> bool:
+        value = figure.ratio if self.on == "ratio" else median(figure.toolseek)
+        return value >= self.value if self.op == ">=" else value <= self.value
+
+    def __str__(self) -> str:
+        suffix = "x" if self.on == "ratio" else ""
+        return f"{self.op} {self.value:g}{suffix}"
+
+
+@dataclass
+class Figure:
+    """One row of BENCHMARKS.md: ToolSeek's path against its baseline, both medians over interleaved repeats.
+
+    `ratios` are the per-repeat ToolSeek/baseline ratios (paired runs), so the spread describes the ratio itself.
+    """
+
+    benchmark: str
+    name: str
+    unit: str
+    toolseek: list[float]
+    baseline: list[float]
+    setup: str
+    target: Target | None = None
+
+    def __post_init__(self) -> None:
+        if not self.toolseek or not self.baseline:
+            raise ValueError(f"figure {self.name!r} has no measurements")
+
+    @property
+    def ratios(self) -> list[float]:
+        if len(self.toolseek) == len(self.baseline):
+            return [a / b if b else float("inf") for a, b in zip(self.toolseek, self.baseline, strict=True)]
+        return [median(self.toolseek) / median(self.baseline)]
+
+    @property
+    def ratio(self) -> float:
+        return median(self.ratios)
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.target is None else self.target.met(self)
+
+    def row(self) -> list[str]:
+        met = {None: "–", True: "yes", False: "**no**"}[self.met]
+        return [self.benchmark, f"{self.name} ({self.unit})", fmt(median(self.toolseek)), fmt(median(self.baseline)),
+                fmt(self.ratio), f"±{100 * spread(self.ratios):.0f}% (n={len(self.ratios)})",
+                str(self.target) if self.target else "–", met, self.setup]
+
+
+@dataclass
+class Curve:
+    """A scaling figure: y against x for each series, with the ideal (linear from the first point) drawn beside."""
+
+    title: str
+    x_label: str
+    y_label: str
+    xs: list[float]
+    series: dict[str, list[float]]
+    setup: str
+    ideal_from: str | None = None
+    """Series whose first point defines the ideal line y = y0 * x / x0; empty = no ideal line."""
+
+    def ideal(self) -> list[float] | None:
+        if self.ideal_from is None:
+            return None
+        ys = self.series[self.ideal_from]
+        return [ys[0] * x / self.xs[0] for x in self.xs]
+
+
+@dataclass
+class Result:
+    figures: list[Figure] = field(default_factory=list)
+    curves: list[Curve] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def fmt(value: float) -> str:
+    if value == 0 or abs(value) >= 100:
+        return f"{value:.0f}"
+    if abs(value) >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3g}"
+
+
+COLUMNS = ["benchmark", "figure", "ToolSeek", "baseline", "ratio", "spread", "target", "met?", "setup"]
+
+
+def table(figures: Sequence[Figure]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(f.row()) + " |" for f in figures]
+    return "\n".join(lines)
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f}, {five:.2f}, {fifteen:.2f}"
+
+
+def machine() -> str:
+    memory = ""
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        memory = f", {pages * size / 2**30:.0f} GiB RAM"
+    except (ValueError, OSError):
+        pass
+    return f"{os.cpu_count()} cores{memory}"
+
+
+def report(results: dict[str, Result], *, load_before: str, load_after: str, command: str, quick: bool,
+           plot_name: str | None, seconds: float) -> str:
+    """BENCHMARKS.md: header with machine and load, the table, per-benchmark notes, the plot."""
+    busy = max(float(load_before.split(",")[0]), float(load_after.split(",")[0])) > 0.75 * (os.cpu_count() or 1)
+    lines = ["# Benchmarks", ""]
+    if busy:
+        lines += ["> **Measured under load from other jobs: re-run on an idle machine.** The load average below exceeds",
+                  "> the core count, so absolute figures are low and ratios noisy.", ""]
+    lines += [f"- command: `{command}`" + (" (`--quick`: small sizes)" if quick else ""),
+              f"- machine: {machine()}, no GPU",
+              f"- load average (1, 5, 15 min) before: {load_before}; after: {load_after}",
+              f"- wall time: {seconds / 60:.1f} min", "",
+              "ToolSeek and baseline are medians over interleaved repeats (A, B, A, B, ...); ratio = median of the "
+              "per-repeat ToolSeek / baseline ratios; spread = half their range relative to the median. For "
+              "latencies a ratio below 1 is better; for rates above 1.", "",
+              table([f for r in results.values() for f in r.figures]), ""]
+    for name, result in results.items():
+        if result.notes:
+            lines += [f"## {name}", ""] + [f"- {note}" for note in result.notes] + [""]
+    if plot_name:
+        lines += ["## Scaling curves", "", f"![scaling curves]({plot_name})", ""]
+    lines += ["Reproduce: `make bench` (full sizes) or `.venv/bin/python -m bench all --quick`; one benchmark: "
+              "`python -m bench <engines|retriever|generation|training|serving|sandbox>`.", ""]
+    return "\n".join(lines)
+
+
+def ensure_ray() -> None:
+    """The suite's own local Ray session (idempotent): 2 CPUs, no dashboard, no Ray Data progress bars.
+
+    `address="local"`: a plain ray.init() joins any cluster that another job on this machine started with `ray start`,
+    and then refuses num_cpus; a benchmark must measure its own cluster, so it starts one explicitly and `connect`
+    (called afterwards by the measuring scripts) finds Ray initialised and reuses it. RAY_ADDRESS, when set, wins.
+    """
+    import ray
+
+    from cluster.config import ClusterConfig
+    from cluster.connect import connect, runtime_env
+
+    cluster = ClusterConfig(num_cpus=2, include_dashboard=False)
+    cluster.env_vars["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        for name, value in cluster.env_vars.items():
+            os.environ.setdefault(name, value)
+        ray.init(address="local", num_cpus=cluster.num_cpus, include_dashboard=False, namespace=cluster.namespace,
+                 runtime_env=runtime_env(cluster, remote=False))  # fmt: skip
+    connect(cluster)
