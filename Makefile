@@ -7,7 +7,7 @@ STAMP := $(VENV)/.toolseek-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
+
+# Every speed figure against its baseline -> BENCHMARKS.md + BENCHMARKS.png (BENCH_ARGS=--quick for small sizes).
+BENCH_ARGS ?=
+bench: install
+	$(BIN)/python -m bench all $(BENCH_ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache
