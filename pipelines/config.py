@@ -331,7 +331,8 @@ class EvaluateJobConfig(ToolSeekConfig):
     predictions: str = "agent"
     """toolcall and qa: what is scored. `gold` (the gold answers themselves: a self-check), a JSON-lines file (formats
     in pipelines/toolcall_check.py and pipelines/qa_data.py), `retrieval` (qa: the configured retriever's passages,
-    in-process) or `agent` (the configured agent: not wired into this job yet, a clear error)."""
+    in-process) or `agent` (toolcall: the configured policy writes the calls, pipelines/toolcall_predict.py; qa: not
+    wired yet, a clear error)."""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 

@@ -25,12 +25,16 @@ unbiased sample and never scores the dropped queries as misses.
 
 Tool calls and QA are scored in this process (no cluster), `predictions=` saying what is scored:
 
-    python -m pipelines.evaluate task=toolcall data.path=<BFCL question file or folder> predictions=gold|<file>
+    python -m pipelines.evaluate task=toolcall data.path=<BFCL question file or folder> predictions=gold|<file>|agent
+    python -m pipelines.evaluate task=toolcall data.path=seal_tools|api_bank|apibench predictions=gold|<file>|agent
     python -m pipelines.evaluate task=qa data.path=<QA file or folder> predictions=gold|<file>
     python -m pipelines.evaluate task=qa data.path=<HotpotQA/MuSiQue> predictions=retrieval retriever=bm25
 
 `toolcall` applies BFCL's AST check (pipelines/toolcall_check.py; gold from `possible_answer/` beside the file) and
-writes `toolcall_accuracy.md|csv` (per category), `toolcall_errors.md|csv` (error codes) and `verdicts.jsonl`.
+writes `toolcall_accuracy.md|csv` (per category), `toolcall_errors.md|csv` (error codes) and `verdicts.jsonl`;
+the named sets come from the shared tools folder (pipelines/toolcall_sets.py: concrete golds as BFCL answers), and
+`predictions=agent` has the configured policy (`model.path`, else the tiny model) write the calls in
+agents/toolcall.py's format (pipelines/toolcall_predict.py), its texts kept in `agent_predictions.jsonl`.
 `qa` (formats and the predictions file: pipelines/qa_data.py) writes `qa_answers.md|csv` (EM / F1 / accuracy, and
 supporting-passage recall when predictions name passages) and `answers.jsonl`; with `predictions=retrieval` it
 indexes the set's passages in-process (LocalRetriever) and writes `qa_retrieval.md|csv`: supporting-passage
@@ -243,9 +247,9 @@ def run_retrieval(cfg: DictConfig, out: Path) -> dict:
 
 
 def predictions_source(cfg: DictConfig, modes: tuple[str, ...]) -> str:
-    """`gold`, one of `modes`, or a predictions file; `agent` is a clear error until an agent is wired in."""
+    """`gold`, one of `modes`, or a predictions file; `agent` is a clear error where no agent is wired in."""
     source = cfg.predictions
-    if source == "agent":
+    if source == "agent" and "agent" not in modes:
         raise NotImplementedError(
             f"task={cfg.task} predictions=agent: running the configured agent is not wired into the evaluation job "
             f"yet; use predictions={'|'.join(modes)} or predictions=<JSON-lines file>"
@@ -261,24 +265,58 @@ def _write_rows(rows: list[dict], path: Path) -> None:
     path.write_text("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
 
 
+def toolcall_policy(cfg: DictConfig, out: Path) -> Path:
+    """`model.path`, or the tiny model built from the config (its tokenizer trained on the synthetic world)."""
+    from actors.models import ensure_policy
+    from pipelines.data.world import build_world
+
+    return ensure_policy(cfg.model, lambda: build_world(OmegaConf.to_object(cfg.data.world)).texts(), out / "policy")
+
+
 def run_toolcall(cfg: DictConfig, out: Path) -> dict:
-    """BFCL's AST check of gold or predicted calls over a BFCL question file (or a folder of them)."""
-    from pipelines import toolcall_check
+    """BFCL's AST check of gold, predicted or agent-written calls over a BFCL question file (or a folder of them),
+    or a named set of pipelines/toolcall_sets.py (seal_tools, api_bank, apibench) from the shared tools folder."""
+    from pipelines import toolcall_check, toolcall_sets
+    from pipelines.data.toolsets import DEFAULT_SHARED_ROOT
     from pipelines.report import markdown_table, write_table
 
     if not cfg.data.path:
-        raise ValueError("task=toolcall needs data.path=<BFCL question file or folder>")
-    source = predictions_source(cfg, ("gold",))
-    predictions = None if source == "gold" else toolcall_check.read_predictions(source)
-    scored = toolcall_check.load_and_score(cfg.data.path, predictions,
-                                           lambda ids: evenly_spaced(ids, cfg.evaluate.max_queries))  # fmt: skip
+        raise ValueError(f"task=toolcall needs data.path=<BFCL question file or folder> or one of {toolcall_sets.SETS}")
+    source = predictions_source(cfg, ("gold", "agent"))
+    skipped: dict[str, str] = {}
+    if str(cfg.data.path) in toolcall_sets.SETS:
+        root = Path(cfg.evaluate.shared_root) if cfg.evaluate.shared_root else DEFAULT_SHARED_ROOT
+        groups, skipped = toolcall_sets.load_toolcall_set(str(cfg.data.path), root / "tools")
+    else:
+        groups = [toolcall_check.load_bfcl_file(f) for f in toolcall_check.question_files(cfg.data.path)]
+    capped = []
+    for category, examples in groups:  # evenly spaced questions of each category (files are sorted by topic)
+        keep = set(evenly_spaced([e.id for e in examples], cfg.evaluate.max_queries))
+        capped.append((category, [e for e in examples if e.id in keep]))
+    groups = capped
+    if source == "gold":
+        predictions = None
+    elif source == "agent":
+        from pipelines.local_engine import InProcessEngine
+        from pipelines.toolcall_predict import agent_predictions
+
+        engine = InProcessEngine(toolcall_policy(cfg, out), cfg.engine, cfg.model.dtype)
+        predictions, texts = agent_predictions([e for _, examples in groups for e in examples], engine,
+                                               cfg.evaluate.max_new_tokens)  # fmt: skip
+        _write_rows(texts, out / "agent_predictions.jsonl")
+    else:
+        predictions = toolcall_check.read_predictions(source)
+    scored = toolcall_check.score_groups(groups, predictions)
     accuracy, errors = toolcall_check.accuracy_rows(scored), toolcall_check.error_rows(scored)
     write_table(accuracy, out, "toolcall_accuracy", f"BFCL AST accuracy: {cfg.data.path}, predictions={source}")
     write_table(errors, out, "toolcall_errors", "Failures by error code")
     _write_rows([s.to_dict() for s in scored], out / "verdicts.jsonl")
     result = {"task": "toolcall", "data": str(cfg.data.path), "predictions": source, "accuracy": accuracy,
-              "errors": errors, "defective_gold": {s.id: s.gold_defects for s in scored if s.gold_defects}}  # fmt: skip
+              "errors": errors, "defective_gold": {s.id: s.gold_defects for s in scored if s.gold_defects},
+              "skipped_gold": skipped}  # fmt: skip
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    if skipped:
+        print(f"{len(skipped)} question(s) left out: their gold is not a literal call (metrics.json names them)")
     print(f"\nBFCL AST accuracy, predictions={source}\n\n{markdown_table(accuracy)}", flush=True)
     if errors:
         print(f"Failures by error code\n\n{markdown_table(errors)}", flush=True)

@@ -26,7 +26,6 @@ in [0, 1] that can sit near zero, where a relative score explodes. `std` is the 
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -43,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipelines import config as _config  # noqa: F401  (registers the schemas with Hydra)
 from pipelines.config import StudySettings
+from pipelines.local_engine import InProcessEngine
 
 log = logging.getLogger(__name__)
 
@@ -178,19 +178,6 @@ def plot_factor(table: Sequence[dict], factor: str, metric: str, path: Path) -> 
 # ---------------------------------------------------------------------------------------------------------------------
 # The components one run needs
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-class InProcessEngine:
-    """`LLMEngineCore` behind the synchronous `generate` an agent calls: the study runs in one process, no Ray."""
-
-    def __init__(self, model_path: str | Path, engine_cfg: Any, dtype: str = "float32"):
-        from actors.llm import LLMEngineCore, as_engine_config
-
-        self.core = LLMEngineCore(str(model_path), as_engine_config(engine_cfg), dtype)
-        self.tokenizer = self.core.backend.tokenizer
-
-    def generate(self, prompts, sampling):
-        return asyncio.run(self.core.generate(prompts, sampling))
 
 
 class OrderedSearcher:

@@ -645,10 +645,16 @@ def load_and_score(path: str | Path, predictions: Mapping[str, Prediction] | Non
                    select: Callable[[list[str]], list[str]] | None = None) -> list[ScoredQuestion]:  # fmt: skip
     """Every question of the BFCL file or folder at `path`, scored against `predictions` (None = the gold calls).
     `select(ids) -> ids` picks which questions of each file to score (e.g. an evenly spaced sample)."""
+    return score_groups([load_bfcl_file(file) for file in question_files(path)], predictions, select)
+
+
+def score_groups(groups: Sequence[tuple[str, Sequence[ToolExample]]], predictions: Mapping[str, Prediction] | None,
+                 select: Callable[[list[str]], list[str]] | None = None) -> list[ScoredQuestion]:  # fmt: skip
+    """(category, examples) groups, each example with its BFCL-form gold in `allowed`, scored like `load_and_score`
+    (the loaders of other datasets, pipelines/toolcall_sets.py, give their examples in this form)."""
     chosen: list[tuple[str, ToolExample]] = []
     known: set[str] = set()
-    for file in question_files(path):
-        category, examples = load_bfcl_file(file)
+    for category, examples in groups:
         known.update(e.id for e in examples)
         keep = set(select([e.id for e in examples])) if select is not None else None
         chosen += [(category, e) for e in examples if keep is None or e.id in keep]
