@@ -23,7 +23,7 @@ from pipelines.report import markdown_table, write_table
 
 log = logging.getLogger(__name__)
 
-RECIPES = {"exsearch": "pipelines.recipes.exsearch:run_exsearch", "toolret": "pipelines.recipes.toolret:run_toolret"}
+RECIPES = {"exsearch": "pipelines.recipes.exsearch:run_exsearch", "toolret": "pipelines.recipes.toolret:run_toolret", "dro": "pipelines.recipes.dro:run_dro"}
 """Recipe name -> `module:function(cfg, out, prepared)`; each recipe's schema is in pipelines/config.py RECIPE_SCHEMAS."""
 
 
