@@ -98,7 +98,6 @@ SCRIPT = textwrap.dedent(
             out = {"error": traceback.format_exc()[-3000:]}
         out["seconds"] = round(time.monotonic() - started, 1)
         print("RESULT " + json.dumps({fn.__name__: out}), flush=True)
-        reset()
 
 
     def generation():
@@ -220,6 +219,8 @@ SCRIPT = textwrap.dedent(
 
 
     for fn in (generation, training, actors):
+        if fn is not generation:
+            reset()
         scenario(fn)
     ray.shutdown()
     cluster.shutdown()
