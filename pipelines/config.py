@@ -124,6 +124,10 @@ class DRORecipeConfig:
     warm_start_questions: int = 150
     """Training questions (single-hop, from the world's decompositions) whose scripted selection and answer form the
     warm start's SFT rows."""
+    warm_start_worlds: int = 0
+    """Other seeded worlds whose scripted rows join the warm start (fresh names: what teaches a tiny model to copy)."""
+    warm_start_world_questions: int = 300
+    """Single-hop train questions per other world."""
     warm_start_steps: int = 200
     warm_start_lr: float = 3e-3
     estep_questions: int = 150

@@ -22,6 +22,7 @@ TOY = [
     "model.num_key_value_heads=2",
     "retriever=bm25", "engine.num_cpus=0.5",
     "recipe.iterations=1", "recipe.warm_start_questions=12", "recipe.warm_start_steps=6",
+    "recipe.warm_start_worlds=1", "recipe.warm_start_world_questions=10",
     "recipe.estep_questions=8", "recipe.dev_questions=4", "recipe.eval_questions=6",
     "recipe.selector.n_docs=3", "recipe.selector.k=1", "recipe.selector.doc_chars=120",
     "recipe.estep.samples_per_question=2", "recipe.estep.shard_size=4", "recipe.estep.batch_size=4",

@@ -101,6 +101,30 @@ def warm_start_rows(examples: Sequence[dict], searcher, tokenizer, selector_cfg)
     return rows
 
 
+def other_world_rows(world, world_cfg, worlds: int, questions: int, tokenizer, selector_cfg, seed: int) -> list[dict]:
+    """Warm-start rows from `worlds` other seeded worlds (same sizes, other names), each searched with an in-process
+    BM25 and shuffled like the main world's candidates.
+
+    Why: a tiny model copies a name it has never seen only after copying many different names (the ExSearch recipe
+    measured this too); one world's train names are few enough to memorise instead. Questions that mention a name of
+    this world are left out, so no fact of this world's dev or test entities is taught."""
+    from actors.config import RetrieverConfig
+    from actors.retriever import LocalRetriever, build_core, doc_table
+    from pipelines.data.world import build_world
+
+    names = {doc["title"] for doc in world.documents()}
+    base = OmegaConf.to_object(world_cfg) if isinstance(world_cfg, DictConfig) else world_cfg
+    rows = []
+    for index in range(worlds):
+        other = build_world(replace(base, seed=base.seed + 20_000 + index, dev_questions=1, test_questions=1))
+        search = ShuffledSearcher(LocalRetriever([build_core(doc_table(other.documents()),
+                                                             RetrieverConfig(kind="bm25"))]), seed)
+        fresh = [{**q, "id": f"world{other.cfg.seed}-{q['id']}"} for q in single_hop_questions(other.questions("train"))
+                 if not any(name in q["question"] for name in names)]
+        rows += warm_start_rows(fresh[:questions], search, tokenizer, selector_cfg)
+    return rows
+
+
 def prompt_ids_of_generator(question: str, tokenizer, cfg) -> list[int]:
     return list(tokenizer(cfg.generator_template.format(question=question))["input_ids"])
 
@@ -176,9 +200,12 @@ def run_dro(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
     engines = None
     if warm is None:
         rows = warm_start_rows(warm_questions, searcher, tokenizer, selector_cfg)
+        rows += other_world_rows(world, cfg.data.world, recipe.warm_start_worlds, recipe.warm_start_world_questions,
+                                 tokenizer, selector_cfg, cfg.seed)
         settings = TrainSettings.from_config(cfg.trainer, policy, objective="sft", lr=recipe.warm_start_lr,
                                              epochs=10_000, max_steps=recipe.warm_start_steps, lr_schedule="cosine")
-        print(f"[warm start] SFT on {len(rows)} scripted rows ({len(warm_questions)} questions) for "
+        print(f"[warm start] SFT on {len(rows)} scripted rows ({len(warm_questions)} questions, "
+              f"{recipe.warm_start_worlds} other worlds) for "
               f"{recipe.warm_start_steps} steps", flush=True)
         trained = run_training(rows, settings, warm_dir, cfg.trainer.num_workers, cfg.trainer.cpus_per_worker,
                                cfg.trainer.use_gpu, cfg.trainer.max_failures, resume=True, name="sft",
