@@ -223,11 +223,13 @@ def build_retrievers(documents: Sequence[dict], questions: Sequence[dict], fract
 
 def warm_start(cfg: DictConfig, world: Any, retriever: Any, out: Path) -> Path:
     """The policy the study runs: `study.policy_path`, or the tiny model SFT-trained here on ExSearch demonstrations
-    (the gold runs, written by the scripted DemonstrationPolicy over the real retriever). Reused when already saved."""
+    (the recipe's grounded gold runs: scripted by DemonstrationPolicy over the real retriever, kept when every hop's
+    gold passage was retrieved). Reused when already saved."""
     from transformers import AutoTokenizer
 
     from actors.models import check_model_dir, ensure_policy
-    from agents.exsearch import DemonstrationPolicy, ExSearchAgent, ExSearchConfig
+    from agents.exsearch import ExSearchConfig
+    from pipelines.recipes.exsearch import gold_runs
     from pipelines.train import PolicyTrainer, TrainSettings, example_from_row
 
     study = cfg.study
@@ -242,9 +244,8 @@ def warm_start(cfg: DictConfig, world: Any, retriever: Any, out: Path) -> Path:
     agent_cfg = ExSearchConfig(**OmegaConf.to_container(cfg.recipe.agent, resolve=True))
     demo_cfg = replace(agent_cfg, prompt_template=PROMPTS["plain"],
                        max_steps=max([agent_cfg.max_steps, *(q["hops"] for q in questions)]))  # fmt: skip
-    demos = ExSearchAgent(DemonstrationPolicy(tokenizer, questions, demo_cfg), retriever, tokenizer, demo_cfg).run(
-        [{"id": q["id"], "question": q["question"]} for q in questions])
-    rows = [{"prompt_ids": t.prompt_ids, "token_ids": t.token_ids, "loss_mask": t.loss_mask} for t in demos if t.valid]
+    demos = gold_runs(questions, retriever, tokenizer, demo_cfg)  # grounded runs only: the recipe's warm start data
+    rows = [{"prompt_ids": t.prompt_ids, "token_ids": t.token_ids, "loss_mask": t.loss_mask} for t in demos]
     examples = [example_from_row(row, index, "sft") for index, row in enumerate(rows)]
     settings = TrainSettings.from_config(cfg.trainer, policy, objective="sft", lr=study.warm_start_lr,
                                          epochs=10_000, max_steps=study.warm_start_steps, lr_schedule="cosine",
