@@ -7,8 +7,10 @@ start plus generalized EM with its ablations, ending in results.md / results.csv
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -25,6 +27,25 @@ log = logging.getLogger(__name__)
 
 RECIPES = {"exsearch": "pipelines.recipes.exsearch:run_exsearch", "toolret": "pipelines.recipes.toolret:run_toolret", "dro": "pipelines.recipes.dro:run_dro"}
 """Recipe name -> `module:function(cfg, out, prepared)`; each recipe's schema is in pipelines/config.py RECIPE_SCHEMAS."""
+
+
+def best_checkpoint(out: Path) -> str:
+    """The policy a finished run would serve: the kept iteration with the highest dev EM (later wins ties).
+
+    Every iteration folder's `result.json` names its checkpoint and dev metrics (the recipe contract `serve.run` and
+    `pipelines.status` read); a recipe that trains no servable policy writes none, and serving it is an error.
+    """
+    best = None
+    for path in sorted(out.glob("iter-*/result.json")):
+        result = json.loads(path.read_text())
+        if "checkpoint" not in result or not result.get("kept", True):
+            continue
+        dev_em = float(result.get("dev", {}).get("em", float("-inf")))
+        if best is None or dev_em >= best[0]:
+            best = (dev_em, result["checkpoint"])
+    if best is None:
+        raise ValueError(f"serve.run=true: {out} has no iteration with a checkpoint (iter-*/result.json)")
+    return best[1]
 
 
 def recipe_runner(name: str):
@@ -68,10 +89,16 @@ def prepare(cfg: DictConfig, out) -> dict:
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     run_recipe = recipe_runner(cfg.recipe.name)
-    out, _ = start_job(cfg)
+    out, info = start_job(cfg)
     prepared = prepare(cfg, out)
     print(markdown_table(prepared["datasets"]), flush=True)
     run_recipe(cfg, out, prepared)
+    if cfg.serve.run:
+        from pipelines.serve import serve_until_stopped
+
+        cfg.model.path = best_checkpoint(out)
+        print(f"Serving the best policy of this run: {cfg.model.path}", flush=True)
+        serve_until_stopped(cfg, out / "serve", info.local)
     print(f"Results in {out}", flush=True)
 
 

@@ -671,15 +671,12 @@ def metrics_ports() -> list[int]:
     return sorted({int(n["MetricsExportPort"]) for n in ray.nodes() if n.get("Alive") and n.get("MetricsExportPort")})
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    from pipelines.jobs import start_job
-
-    out, info = start_job(cfg)
+def serve_until_stopped(cfg: DictConfig, out: Path, local: bool) -> None:
+    """Deploy, say where, and on a local cluster keep serving until Ctrl-C (on a remote one the app stays up)."""
     url = start(cfg, out)
     print(f"Serving {cfg.serve.model_name} at {url}/v1 (OpenAPI docs at {url}/docs)", flush=True)
     print(f"Prometheus metrics on port(s) {metrics_ports()} of each node: /metrics", flush=True)
-    if not info.local:
+    if not local:
         print(f"The application {cfg.serve.app_name!r} keeps running on the cluster (`serve shutdown` ends it).")
         return
     print("Ctrl-C stops the server.", flush=True)
@@ -688,6 +685,14 @@ def main(cfg: DictConfig) -> None:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.shutdown()
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from pipelines.jobs import start_job
+
+    out, info = start_job(cfg)
+    serve_until_stopped(cfg, out, info.local)
 
 
 if __name__ == "__main__":

@@ -67,3 +67,23 @@ def test_rerun_reuses_finished_folders(prepared):
     before = manifest.stat().st_mtime_ns
     prepare(cfg, out)
     assert manifest.stat().st_mtime_ns == before
+
+
+def test_serving_after_the_job_picks_the_kept_iteration_with_the_best_dev_em(tmp_path):
+    import json
+
+    from pipelines.run import best_checkpoint
+
+    def write(folder: str, **result):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "result.json").write_text(json.dumps(result))
+
+    with pytest.raises(ValueError, match="no iteration with a checkpoint"):
+        best_checkpoint(tmp_path)
+    write("iter-00-warm-start", checkpoint="warm", dev={"em": 0.2})
+    write("iter-01-importance", checkpoint="imp1", kept=True, dev={"em": 0.3})
+    write("iter-02-importance", checkpoint="imp1", kept=False, dev={"em": 0.5})  # rejected: dev EM fell elsewhere
+    write("iter-01-uniform", checkpoint="uni1", kept=True, dev={"em": 0.25})
+    assert best_checkpoint(tmp_path) == "imp1"
+    write("iter-02-uniform", checkpoint="uni2", kept=True, dev={"em": 0.3})
+    assert best_checkpoint(tmp_path) == "uni2"  # a tie goes to the later folder
