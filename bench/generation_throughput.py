@@ -18,12 +18,75 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from bench.tiny import tiny_policy  # noqa: E402  (after the path insert above)
+
 AGENT = {"max_steps": 3, "max_tokens_per_turn": 24, "max_context_tokens": 512, "top_k": 2}
+
+
+@dataclass
+class Bench:
+    """What both sides share: the tiny policy, the BM25 index of the world, the questions."""
+
+    model: Path
+    index: Path
+    retriever_cfg: object
+    questions: list[dict]
+
+
+def prepare(work: Path, questions: int) -> Bench:
+    from actors.config import RetrieverConfig
+    from actors.retriever import build_index_in_process
+
+    model, world, _ = tiny_policy(work / "policy")
+    retriever_cfg = RetrieverConfig(kind="bm25", num_cpus=0.1)
+    index = build_index_in_process(world.documents(), retriever_cfg, work / "index")
+    return Bench(model, index, retriever_cfg, world.questions("train")[:questions])
+
+
+def bare_agent(bench: Bench):
+    """The baseline: the ExSearch agent over an in-process HF engine and in-process BM25, no Ray."""
+    from actors.config import EngineConfig
+    from actors.llm import LLMEngineCore
+    from actors.retriever import LocalRetriever, load_index
+    from agents.exsearch import ExSearchAgent, ExSearchConfig
+
+    core = LLMEngineCore(bench.model, EngineConfig(max_model_len=1024))
+
+    class InProcess:
+        def generate(self, prompts, sampling):
+            return asyncio.run(core.generate(prompts, sampling))
+
+    return ExSearchAgent(InProcess(), LocalRetriever(load_index(bench.index, bench.retriever_cfg)),
+                         core.backend.tokenizer, ExSearchConfig(**AGENT))  # fmt: skip
+
+
+def bare_rate(agent, bench: Bench, samples: int) -> tuple[float, float, float]:
+    """(trajectories/s, trained tokens/s, seconds) of the bare agent on the questions."""
+    examples = [{"id": q["id"], "question": q["question"]} for q in bench.questions]
+    started = time.perf_counter()
+    runs = agent.run(examples, samples=samples, seed=0)
+    seconds = time.perf_counter() - started
+    return len(runs) / seconds, sum(sum(t.loss_mask) for t in runs) / seconds, seconds
+
+
+def pipeline_rate(bench: Bench, engines: list, retriever, samples: int, out: Path) -> tuple[float, float, float]:
+    """(weighted samples/s, trained tokens/s, seconds) of one E-step run into a fresh `out`."""
+    from pipelines import records
+    from pipelines.generate import EStepConfig, run_exsearch_estep
+
+    estep = EStepConfig(samples_per_question=samples, shard_size=len(bench.questions), batch_size=8, concurrency=2)
+    started = time.perf_counter()
+    run_exsearch_estep(bench.questions, out, engines, retriever, bench.model, AGENT, estep)
+    seconds = time.perf_counter() - started
+    table = records.read_records(out, "weighted_sample")
+    trained_tokens = sum(sum(m) for m in table.column("loss_mask").to_pylist())
+    return table.num_rows / seconds, trained_tokens / seconds, seconds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,63 +95,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=4)
     args = parser.parse_args(argv)
 
+    import ray
     import torch
 
-    from actors.config import EngineConfig, ModelConfig, RetrieverConfig
-    from actors.llm import LLMEngineCore, start_engines
-    from actors.models import build_causal_lm, train_bpe_tokenizer
-    from actors.retriever import LocalRetriever, ShardedRetriever, build_index_in_process, load_index
-    from agents.exsearch import ExSearchAgent, ExSearchConfig
+    from actors.config import EngineConfig
+    from actors.llm import start_engines
+    from actors.retriever import ShardedRetriever
     from cluster.config import ClusterConfig
     from cluster.connect import connect
-    from pipelines import records
-    from pipelines.data.world import WorldConfig, build_world
-    from pipelines.generate import EStepConfig, run_exsearch_estep
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="bench_generation_"))
-    world = build_world(WorldConfig())
-    model_cfg = ModelConfig()
-    tokenizer = train_bpe_tokenizer(world.texts(), model_cfg.vocab_size, model_cfg.max_token_chars,
-                                    model_cfg.added_tokens)
-    model = build_causal_lm(model_cfg, tokenizer, work / "policy")
-    retriever_cfg = RetrieverConfig(kind="bm25", num_cpus=0.1)
-    index = build_index_in_process(world.documents(), retriever_cfg, work / "index")
-    questions = world.questions("train")[: args.questions]
-    examples = [{"id": q["id"], "question": q["question"]} for q in questions]
-
-    core = LLMEngineCore(model, EngineConfig(max_model_len=1024))
-
-    class InProcess:
-        def generate(self, prompts, sampling):
-            return asyncio.run(core.generate(prompts, sampling))
-
-    agent = ExSearchAgent(InProcess(), LocalRetriever(load_index(index, retriever_cfg)), core.backend.tokenizer,
-                          ExSearchConfig(**AGENT))
-    started = time.perf_counter()
-    runs = agent.run(examples, samples=args.samples, seed=0)
-    bare_seconds = time.perf_counter() - started
-    bare = len(runs) / bare_seconds
-    bare_tokens = sum(sum(t.loss_mask) for t in runs) / bare_seconds
+    bench = prepare(work, args.questions)
+    bare, bare_tokens, bare_seconds = bare_rate(bare_agent(bench), bench, args.samples)
 
     cluster = ClusterConfig(num_cpus=2, include_dashboard=False)
     cluster.env_vars["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
     connect(cluster)
-    retriever = ShardedRetriever.launch(index, retriever_cfg)
+    retriever = ShardedRetriever.launch(bench.index, bench.retriever_cfg)
     figures = {}
     for actors in (1, 2):
-        engines = start_engines(model, EngineConfig(num_actors=actors, num_cpus=0.5, max_model_len=1024))
-        estep = EStepConfig(samples_per_question=args.samples, shard_size=args.questions, batch_size=8,
-                            concurrency=2)
-        out = work / f"estep{actors}"
-        started = time.perf_counter()
-        run_exsearch_estep(questions, out, engines, retriever, model, AGENT, estep)
-        seconds = time.perf_counter() - started
-        table = records.read_records(out, "weighted_sample")
-        trained_tokens = sum(sum(m) for m in table.column("loss_mask").to_pylist())
-        figures[actors] = (table.num_rows / seconds, seconds, trained_tokens / seconds)
-        import ray
-
+        engines = start_engines(bench.model, EngineConfig(num_actors=actors, num_cpus=0.5, max_model_len=1024))
+        rate, tokens, seconds = pipeline_rate(bench, engines, retriever, args.samples, work / f"estep{actors}")
+        figures[actors] = (rate, seconds, tokens)
         for engine in engines:
             ray.kill(engine)
 

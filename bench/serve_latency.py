@@ -25,6 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from bench.tiny import tiny_policy  # noqa: E402  (after the path insert above)
+
 KEY = "bench-key-0123456789abcdef"
 
 
@@ -53,35 +55,34 @@ async def drive(send, requests: int, concurrency: int) -> dict:
             "errors": errors, "n": requests}  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--access-log", action="store_true", help="keep Serve's per-request log lines")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def measure(args: argparse.Namespace):
+    """(direct, served, model config): per concurrency, p50 / p99 seconds, requests/s and errors of each side."""
     import httpx
     import torch
     from ray import serve
 
-    from actors.config import EngineConfig, ModelConfig
+    from actors.config import EngineConfig
     from actors.llm import LLMEngineCore
-    from actors.models import build_causal_lm, train_bpe_tokenizer
+    from actors.models import load_causal_lm
     from cluster.config import ClusterConfig
     from cluster.connect import connect
-    from pipelines.data.world import WorldConfig, build_world
     from pipelines.serve import compose_config, start
     from pipelines.serve_chat import ChatLimits, prepare_chat
     from pipelines.serve_schemas import ChatRequest
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
-    world = build_world(WorldConfig())
-    model_cfg = ModelConfig()
-    tokenizer = train_bpe_tokenizer(world.texts(), model_cfg.vocab_size, model_cfg.max_token_chars,
-                                    model_cfg.added_tokens)  # fmt: skip
-    policy = build_causal_lm(model_cfg, tokenizer, work / "policy")
+    policy, world, model_cfg = tiny_policy(work / "policy")
+    _, tokenizer = load_causal_lm(policy)
     questions = [q["question"] for q in world.questions("train")[:64]]
     bodies = [{"model": "toolseek-policy", "messages": [{"role": "user", "content": q}], "temperature": 0,
                "max_tokens": args.max_tokens} for q in questions]  # fmt: skip
@@ -135,7 +136,12 @@ def main(argv: list[str] | None = None) -> int:
             served[concurrency] = asyncio.run(run_served(concurrency))
     finally:
         serve.shutdown()
+    return direct, served, model_cfg
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    direct, served, model_cfg = measure(args)
     print(f"\n{args.requests} chat requests per row, max_tokens={args.max_tokens}, greedy, tiny policy "
           f"({model_cfg.hidden_size}d x {model_cfg.num_layers} layers), 2 CPUs, loopback\n")
     print("| concurrency | served p50 ms | served p99 ms | served req/s | direct p50 ms | direct p99 ms | direct req/s "

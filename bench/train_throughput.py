@@ -37,6 +37,38 @@ def steady_tokens_per_s(history: list[dict], warmup: int) -> float:
     return tokens / (rows[-1]["time"] - rows[0]["time"])
 
 
+def tiny_model(folder: Path, hidden: int, layers: int) -> tuple[Path, int]:
+    """(model folder, vocabulary size): a random-init llama of `hidden` width and `layers` layers."""
+    from actors.config import ModelConfig
+    from actors.models import build_causal_lm, train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer([f"word{i} " * 5 for i in range(400)], vocab_size=512)
+    model = build_causal_lm(ModelConfig(hidden_size=hidden, num_layers=layers, num_attention_heads=hidden // 64,
+                                        num_key_value_heads=hidden // 64, intermediate_size=4 * hidden),
+                            tokenizer, folder)  # fmt: skip
+    return model, len(tokenizer)
+
+
+def plain_loop(rows: list[dict], settings, warmup: int) -> tuple[float, float]:
+    """(steady tokens/s, parameters in millions) of PolicyTrainer stepping in this process: the baseline."""
+    from pipelines.train import PolicyTrainer, example_from_row
+
+    plain = PolicyTrainer(settings, [example_from_row(r, i, "sft") for i, r in enumerate(rows)])
+    history = [plain.step() for _ in range(plain.total_steps)]
+    return steady_tokens_per_s(history, warmup), sum(p.numel() for p in plain.base.parameters()) / 1e6
+
+
+def ray_train(rows: list[dict], settings, folder: Path, workers: int, warmup: int) -> tuple[float, float]:
+    """(steady tokens/s, start-up and wind-down seconds) of one Ray Train run on a connected Ray."""
+    from pipelines.train import run_training
+
+    started = time.time()
+    run = run_training(rows, settings, folder, num_workers=workers, name=folder.name)
+    total = time.time() - started
+    training = run.history[-1]["time"] - run.history[0]["time"]
+    return steady_tokens_per_s(run.history, warmup), total - training
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=60)
@@ -48,41 +80,25 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from actors.config import ModelConfig
-    from actors.models import build_causal_lm, train_bpe_tokenizer
     from cluster.config import ClusterConfig
     from cluster.connect import connect
-    from pipelines.train import PolicyTrainer, TrainSettings, example_from_row, run_training
+    from pipelines.train import TrainSettings
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
-    tokenizer = train_bpe_tokenizer([f"word{i} " * 5 for i in range(400)], vocab_size=512)
-    model = build_causal_lm(ModelConfig(hidden_size=args.hidden, num_layers=args.layers,
-                                        num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
-                                        intermediate_size=4 * args.hidden), tokenizer, work / "model")
-    rows = make_rows(args.steps * args.batch, args.length, len(tokenizer))
+    model, vocab = tiny_model(work / "model", args.hidden, args.layers)
+    rows = make_rows(args.steps * args.batch, args.length, vocab)
     settings = TrainSettings(model_path=str(model), objective="sft", batch_size=args.batch, micro_batch_size=args.batch,
                              epochs=1, report_every=10, lr=1e-4)
     warmup = 5
-
-    plain = PolicyTrainer(settings, [example_from_row(r, i, "sft") for i, r in enumerate(rows)])
-    history = [plain.step() for _ in range(plain.total_steps)]
-    plain_rate = steady_tokens_per_s(history, warmup)
+    plain_rate, n_params = plain_loop(rows, settings, warmup)
 
     cluster = ClusterConfig(num_cpus=2, include_dashboard=False)
     cluster.env_vars["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
     connect(cluster)
-    results = {}
-    for workers in (1, 2):
-        started = time.time()
-        run = run_training(rows, settings, work / f"ray{workers}", num_workers=workers, name=f"w{workers}")
-        total = time.time() - started
-        rate = steady_tokens_per_s(run.history, warmup)
-        training = run.history[-1]["time"] - run.history[0]["time"]
-        results[workers] = (rate, total - training)
+    results = {workers: ray_train(rows, settings, work / f"ray{workers}", workers, warmup) for workers in (1, 2)}
 
     time.sleep(2)  # let Ray's forwarded worker logs drain before the table
-    n_params = sum(p.numel() for p in plain.base.parameters()) / 1e6
     print(f"\nmodel: llama {n_params:.1f}M params, {args.length + 8} tokens/sequence, batch {args.batch}, "
           f"{args.steps} steps, {os.cpu_count()} cores")
     print(f"{'figure':38} {'tokens/s':>10} {'ratio':>7}")
