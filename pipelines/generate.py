@@ -227,7 +227,9 @@ def run_estep(
                            examples=len(good), quarantined=len(quarantined))
     entropies, tokens = [], 0
     if table is not None:
-        frame = table.select(["example_id", "weight", "valid", "correct"]).to_pandas()
+        frame = table.select(["example_id", "target", "weight", "valid", "correct"]).to_pandas()
+        # DRO writes each permutation's weight twice (selector row, generator row): count each sample once
+        frame = frame[frame["target"] != "selector"]
         entropies = frame.groupby("example_id")["weight"].apply(weight_entropy).tolist()
         tokens = int(sum(len(x) for x in table.column("token_ids").to_pylist()))
     seconds = time.perf_counter() - started

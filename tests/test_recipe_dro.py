@@ -4,6 +4,7 @@ end-to-end run on Ray (warm start, E-step, M-step, results, resume)."""
 from __future__ import annotations
 
 import csv
+import math
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -95,6 +96,8 @@ def test_dro_recipe_runs_end_to_end_and_resumes(ray_cluster, tmp_path):
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2 and {"recall_at_k", "em", "f1", "valid_rate", "dev_em"} <= set(rows[0])
     assert {"estep_gold_selected", "weight_entropy", "mstep_rows"} <= set(rows[1])
+    # a softmax over at most 2 distinct permutations (each written as a selector row and a generator row)
+    assert 0.0 <= float(rows[1]["weight_entropy"]) <= math.log(2) + 1e-6
     assert all(0.0 <= float(r[m]) <= 1.0 for r in rows for m in ("recall_at_k", "em", "f1"))
     for png in ("curve_recall.png", "curve_em_f1.png"):
         assert (tmp_path / png).stat().st_size > 1000
