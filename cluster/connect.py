@@ -107,6 +107,9 @@ def connect(cfg: ClusterConfig) -> ClusterInfo:
             check_reachable(address, cfg.connect_timeout_s)
         kwargs: dict = {"namespace": cfg.namespace, "runtime_env": runtime_env(cfg, remote=not local)}
         if local:
+            # "local", not None: ray.init() without an address joins any cluster already running on this machine
+            # (a `ray start` head, another job's), which is not what "local by default" promises
+            kwargs["address"] = "local"
             kwargs["num_cpus"] = cfg.num_cpus
             kwargs["include_dashboard"] = cfg.include_dashboard
             if cfg.object_store_memory_mb:
