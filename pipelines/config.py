@@ -319,6 +319,8 @@ class EvaluateConfig:
     """The run tag in the TREC run file; empty = `<kind>[-<index>][+instr]`."""
     max_new_tokens: int = 128
     """task=toolcall predictions=agent: tokens the policy may write per question (greedy, stops at `</calls>`)."""
+    agent: str = "exsearch"
+    """task=qa predictions=agent: the agent that answers, `exsearch` (`recipe.agent`'s settings) or `genground`."""
     tool_tasks: list[str] = field(default_factory=list)
     """task=instructed: the tool-retrieval tasks to score with and without their instructions (names in
     pipelines/data/toolsets.py TOOL_TASKS); empty = every task whose data is present under the shared folder."""
@@ -335,8 +337,8 @@ class EvaluateJobConfig(ToolSeekConfig):
     predictions: str = "agent"
     """toolcall and qa: what is scored. `gold` (the gold answers themselves: a self-check), a JSON-lines file (formats
     in pipelines/toolcall_check.py and pipelines/qa_data.py), `retrieval` (qa: the configured retriever's passages,
-    in-process) or `agent` (toolcall: the configured policy writes the calls, pipelines/toolcall_predict.py; qa: not
-    wired yet, a clear error)."""
+    in-process) or `agent` (toolcall: the configured policy writes the calls, pipelines/toolcall_predict.py; qa: the
+    `evaluate.agent` agent answers, searching the set's passages in-process)."""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 

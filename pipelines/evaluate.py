@@ -29,6 +29,7 @@ Tool calls and QA are scored in this process (no cluster), `predictions=` saying
     python -m pipelines.evaluate task=toolcall data.path=seal_tools|api_bank|apibench predictions=gold|<file>|agent
     python -m pipelines.evaluate task=qa data.path=<QA file or folder> predictions=gold|<file>
     python -m pipelines.evaluate task=qa data.path=<HotpotQA/MuSiQue> predictions=retrieval retriever=bm25
+    python -m pipelines.evaluate task=qa data.path=<HotpotQA/MuSiQue> predictions=agent evaluate.agent=exsearch|genground
 
 `toolcall` applies BFCL's AST check (pipelines/toolcall_check.py; gold from `possible_answer/` beside the file) and
 writes `toolcall_accuracy.md|csv` (per category), `toolcall_errors.md|csv` (error codes) and `verdicts.jsonl`;
@@ -38,7 +39,10 @@ agents/toolcall.py's format (pipelines/toolcall_predict.py), its texts kept in `
 `qa` (formats and the predictions file: pipelines/qa_data.py) writes `qa_answers.md|csv` (EM / F1 / accuracy, and
 supporting-passage recall when predictions name passages) and `answers.jsonl`; with `predictions=retrieval` it
 indexes the set's passages in-process (LocalRetriever) and writes `qa_retrieval.md|csv`: supporting-passage
-Recall@k, all-supporting C@k and the share of questions whose gold answer occurs in the top k passages.
+Recall@k, all-supporting C@k and the share of questions whose gold answer occurs in the top k passages. With
+`predictions=agent` the agent `evaluate.agent` names (ExSearch or GenGround; policy `model.path`, else the tiny
+model) answers each question greedily, searching that same in-process retriever; `qa_answers.md|csv` then adds its
+valid rate and mean searches, and supporting-passage recall counts every passage it retrieved.
 
 Instructed retrieval (MAIR / ToolRet: each query carries an instruction; the task format is a BEIR folder whose
 queries have an `instruction` field, pipelines/data/beir.py), scored with and without the instruction, in-process:
@@ -265,7 +269,7 @@ def _write_rows(rows: list[dict], path: Path) -> None:
     path.write_text("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
 
 
-def toolcall_policy(cfg: DictConfig, out: Path) -> Path:
+def configured_policy(cfg: DictConfig, out: Path) -> Path:
     """`model.path`, or the tiny model built from the config (its tokenizer trained on the synthetic world)."""
     from actors.models import ensure_policy
     from pipelines.data.world import build_world
@@ -300,7 +304,7 @@ def run_toolcall(cfg: DictConfig, out: Path) -> dict:
         from pipelines.local_engine import InProcessEngine
         from pipelines.toolcall_predict import agent_predictions
 
-        engine = InProcessEngine(toolcall_policy(cfg, out), cfg.engine, cfg.model.dtype)
+        engine = InProcessEngine(configured_policy(cfg, out), cfg.engine, cfg.model.dtype)
         predictions, texts = agent_predictions([e for _, examples in groups for e in examples], engine,
                                                cfg.evaluate.max_new_tokens)  # fmt: skip
         _write_rows(texts, out / "agent_predictions.jsonl")
@@ -324,6 +328,11 @@ def run_toolcall(cfg: DictConfig, out: Path) -> dict:
 
 
 QA_CUTOFFS = (2, 5, 10, 20)
+QA_COLUMNS = {"em": "em", "f1": "f1", "acc": "acc", "support_recall": "support_recall",
+              "all_supporting": "all_supporting", "valid": "valid_rate", "searches": "mean_searches"}  # fmt: skip
+"""Row field -> column of the answers table (the agent's rows add `valid` and `searches`)."""
+QA_AGENTS = {"exsearch": "search", "genground": "question"}
+"""The agents `evaluate.agent` may name -> the step role of one search (ExSearch's query, GenGround's sub-question)."""
 
 
 def _mean(values: list[float]) -> float | str:
@@ -358,31 +367,80 @@ def answer_table(dataset: Any, rows: list[dict]) -> list[dict]:
     table = []
     for kind, chosen in groups.items():
         line = {"dataset": dataset.name, "kind": kind or "all", "questions": len(chosen)}
-        for metric in ("em", "f1", "acc", "support_recall", "all_supporting"):
+        for metric, column in QA_COLUMNS.items():
             values = [r[metric] for r in chosen if metric in r]
             if values:
-                line[metric] = _mean(values)
+                line[column] = _mean(values)
         table.append(line)
     return table
+
+
+def qa_retriever(task: RetrievalTask, cfg: DictConfig, out: Path) -> Any:
+    """The in-process retriever over a QA set's passages that `predictions=retrieval` scores and the agent searches
+    (index in `retriever.index_dir`, else `<out>/index`)."""
+    if not task.corpus:
+        raise ValueError(f"predictions={cfg.predictions}: QA set {task.name!r} ships no passages to index")
+    retriever_cfg = as_retriever_config(cfg.retriever)
+    return search_in_process(task, retriever_cfg, Path(retriever_cfg.index_dir) if retriever_cfg.index_dir
+                             else out / "index")  # fmt: skip
+
+
+def qa_agent(cfg: DictConfig, engine: Any, searcher: Any) -> Any:
+    """The agent `evaluate.agent` names, its contexts no longer than the engine's (a full context ends a run with
+    `length` instead of an engine error). ExSearch takes `recipe.agent` (as the recipe trained it) when the recipe
+    has one; GenGround its defaults."""
+    from agents.exsearch import ExSearchAgent, ExSearchConfig
+    from agents.genground import GenGroundAgent, GenGroundConfig
+
+    name = cfg.evaluate.agent
+    if name not in QA_AGENTS:
+        raise ValueError(f"evaluate.agent={name!r} is not one of {tuple(QA_AGENTS)}")
+    trained = OmegaConf.select(cfg, "recipe.agent")
+    if name == "genground":
+        agent_cfg = GenGroundConfig()
+    else:
+        agent_cfg = OmegaConf.to_object(trained) if trained is not None else ExSearchConfig()
+    assert isinstance(agent_cfg, ExSearchConfig | GenGroundConfig)
+    limit = getattr(engine, "max_model_len", None)
+    if limit:
+        agent_cfg = replace(agent_cfg, max_context_tokens=min(agent_cfg.max_context_tokens, limit))
+    return (ExSearchAgent if name == "exsearch" else GenGroundAgent)(engine, searcher, engine.tokenizer, agent_cfg)
+
+
+def agent_answers(dataset: Any, cfg: DictConfig, out: Path, engine: Any = None) -> tuple[dict, list[dict]]:
+    """The configured agent's answers (greedy, one run per question) as QA predictions whose passages are every
+    passage it retrieved, and per question its validity, searches and finish reason (`engine`: a generator with a
+    `tokenizer` in place of the configured policy, e.g. a scripted test double)."""
+    from pipelines.qa_data import QAPrediction
+
+    task = RetrievalTask(dataset.name, dataset.corpus, {}, {})
+    searcher = qa_retriever(task, cfg, out)
+    if engine is None:
+        from pipelines.local_engine import InProcessEngine
+
+        engine = InProcessEngine(configured_policy(cfg, out), cfg.engine, cfg.model.dtype)
+    agent = qa_agent(cfg, engine, searcher)
+    runs = agent.run([{"id": e.id, "question": e.question} for e in dataset.examples], greedy=True, seed=cfg.seed)
+    predictions, details = {}, []
+    for run in runs:
+        shown = [s.text or "" for s in run.steps if s.role == agent.cfg.documents_tag]
+        passages = list(dict.fromkeys(p for text in shown for p in text.split("\n") if p))
+        predictions[run.example_id] = QAPrediction(run.answer or "", passages)
+        searches = sum(1 for s in run.steps if s.role == QA_AGENTS[cfg.evaluate.agent])
+        details.append({"valid": float(run.valid), "searches": searches, "finish_reason": run.finish_reason,
+                        "passages": passages})  # fmt: skip
+    return predictions, details
 
 
 def retrieval_table(dataset: Any, cfg: DictConfig, out: Path) -> tuple[list[dict], dict]:
     """Index the set's passages in-process, search each question, and score the hits against the supporting
     passages (Recall@k, C@k from pipelines/metrics.py) and the answers (gold answer inside the top k texts)."""
-    from actors.retriever import LocalRetriever, build_index_in_process, corpus_fingerprint, doc_table, load_index
-    from pipelines.index import reusable
     from pipelines.qa_metrics import accuracy
 
-    if not dataset.corpus:
-        raise ValueError(f"predictions=retrieval: {dataset.format} set {dataset.name!r} ships no passages to index")
     retriever_cfg = as_retriever_config(cfg.retriever)
-    index_dir = Path(retriever_cfg.index_dir) if retriever_cfg.index_dir else out / "index"
-    table = doc_table(dataset.corpus)
-    if not reusable(index_dir, retriever_cfg, corpus_fingerprint(table)):
-        build_index_in_process(table, retriever_cfg, index_dir)
-    retriever = LocalRetriever(load_index(index_dir, retriever_cfg))
     task = RetrievalTask(dataset.name, dataset.corpus, {e.id: e.question for e in dataset.examples},
                          {e.id: dict.fromkeys(e.supporting, 1) for e in dataset.examples if e.supporting})  # fmt: skip
+    retriever = qa_retriever(task, cfg, out)
     depth = max(cfg.evaluate.depth, max(QA_CUTOFFS))
     run = retrieve(retriever, task, depth, False, cfg.evaluate.query_batch_size)
     metrics = evaluate_run(run, task.qrels, ndcg_ks=(10,), recall_ks=QA_CUTOFFS, completeness_ks=QA_CUTOFFS)
@@ -397,14 +455,15 @@ def retrieval_table(dataset: Any, cfg: DictConfig, out: Path) -> tuple[list[dict
     return rows, {name: float(value) for name, value in metrics.items()}
 
 
-def run_qa(cfg: DictConfig, out: Path) -> dict:
-    """EM / F1 / accuracy (and passage recall) of gold, predicted or retrieved answers on a QA set."""
+def run_qa(cfg: DictConfig, out: Path, engine: Any = None) -> dict:
+    """EM / F1 / accuracy (and passage recall) of gold, predicted, retrieved or agent answers on a QA set
+    (`engine`: see agent_answers)."""
     from pipelines.qa_data import gold_predictions, load_qa, read_qa_predictions
     from pipelines.report import markdown_table, write_table
 
     if not cfg.data.path:
         raise ValueError("task=qa needs data.path=<QA file or folder> (HotpotQA, MuSiQue, NQ-open, Bamboogle)")
-    source = predictions_source(cfg, ("gold", "retrieval"))
+    source = predictions_source(cfg, ("gold", "retrieval", "agent"))
     dataset = load_qa(cfg.data.path)
     every_id = {e.id for e in dataset.examples}
     keep = set(evenly_spaced([e.id for e in dataset.examples], cfg.evaluate.max_queries))
@@ -418,13 +477,21 @@ def run_qa(cfg: DictConfig, out: Path) -> dict:
         result.update(retrieval=rows, retrieval_metrics=metrics)
         print(f"\n{dataset.name}: retrieval over {len(dataset.corpus)} passages\n\n{markdown_table(rows)}", flush=True)
     else:
-        predictions = gold_predictions(dataset) if source == "gold" else read_qa_predictions(source)
+        details = None
+        if source == "agent":
+            predictions, details = agent_answers(dataset, cfg, out, engine)
+            source = f"agent:{cfg.evaluate.agent}"
+            result["agent"] = cfg.evaluate.agent
+        else:
+            predictions = gold_predictions(dataset) if source == "gold" else read_qa_predictions(source)
         unknown = sorted(set(predictions) - every_id)
         missing = [e.id for e in dataset.examples if e.id not in predictions]
         if unknown or missing:
             raise ValueError(f"predictions={source}: {len(unknown)} id(s) not in data.path {unknown[:5]}, "
                              f"{len(missing)} question(s) without a prediction {missing[:5]}")  # fmt: skip
         rows = score_answers(dataset, predictions)
+        for row, extra in zip(rows, details, strict=True) if details is not None else ():
+            row.update(extra)
         table = answer_table(dataset, rows)
         write_table(table, out, "qa_answers", f"Answers on {dataset.name}, predictions={source}")
         _write_rows(rows, out / "answers.jsonl")

@@ -136,8 +136,6 @@ def test_job_scores_gold_and_a_predictions_file(tmp_path, hotpot_folder):
     with pytest.raises(ValueError, match=r"1 id\(s\) not in data.path \['h9'\]"):
         run_job(_compose("task=qa", f"data.path={hotpot_folder}", f"predictions={predictions}",
                          f"output_dir={tmp_path / 'file'}"))  # fmt: skip
-    with pytest.raises(NotImplementedError, match="predictions=agent"):
-        run_job(_compose("task=qa", f"data.path={hotpot_folder}", f"output_dir={tmp_path / 'agent'}"))
 
 
 def test_retrieval_mode_indexes_in_process_and_scores_supporting_passages(tmp_path, hotpot_folder):

@@ -265,9 +265,6 @@ def test_job_scores_gold_and_a_predictions_file(tmp_path):
     predictions.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     with pytest.raises(ValueError, match="no prediction for 2 question"):
         run_job(_compose("task=toolcall", f"data.path={folder}", f"predictions={predictions}", f"output_dir={out}"))
-    # predictions=agent (the default) runs the policy on tool calls (tests/test_eval_tools.py); QA has no agent yet
-    with pytest.raises(NotImplementedError, match="task=qa predictions=agent"):
-        run_job(_compose("task=qa", f"data.path={folder}", f"output_dir={out}"))
 
 
 # ---------------------------------------------------------------------------------------------------- shared BFCL
