@@ -24,8 +24,13 @@ covering a fixed slice of the tasks, are written atomically with a `.stats.json`
 a rerun resumes from the complete shards and still reports whole-job counts; bad task rows go to `quarantine.jsonl`.
 
 Policy text format (ours): the prompt lists the offered tools, one compact JSON line each (`"unit?"` marks an
-optional argument, `"a|b"` an enum), then the query, then `<calls>`; the target is one JSON call per line,
-`{"name": ..., "arguments": {...}}`, closed by `</calls>`.
+optional argument, `"a|b"` an enum; or their names only, `TTPAConfig.tool_schemas`), then the query, then the earlier
+turns of the task if any (a call block and its `<results>` block each, as `agents/toolcall.py` shows results), then
+`<calls>`; the target is one JSON call per line, `{"name": ..., "arguments": {...}}`, closed by `</calls>`.
+
+Turns (`split_turns`): a chain whose later calls use earlier results (a bridge's second lookup names what the first
+found) is cut into turns, each a task whose history holds the earlier gold calls with their real results. A model
+cannot write a value it has not been shown, so only in this form is every gold call of a sample learnable.
 """
 
 from __future__ import annotations
@@ -122,6 +127,10 @@ class TTPAConfig:
     max_new_tokens: int = 96
     """Greedy completion budget after a branch point (and for sampled completions)."""
     execute_calls: bool = True
+    tool_schemas: bool = True
+    """Show each offered tool's arguments, types and enums in the prompt; off: the offered names only. A real model
+    needs the schemas; the tiny demo policy learns the world's five fixed tools from the data, and without their
+    schema lines its sequences are half as long (training twice as fast on two cores)."""
     """Run schema-valid calls in the sandbox so run-time failures score as `execution_error`."""
     sampled_completions: int = 0
     """Also sample this many completions per task and pair the best against the worst (0 = off)."""
@@ -177,9 +186,34 @@ def render_tool(spec: Mapping) -> str:
     return json.dumps({"name": spec["name"], "arguments": arguments}, separators=(",", ":"), ensure_ascii=False)
 
 
-def render_prompt(query: str, tool_specs: Sequence[Mapping]) -> str:
-    lines = ["Tools:", *(render_tool(spec) for spec in tool_specs), f"Query: {query.strip()}", CALLS_TAG, ""]
-    return "\n".join(lines)
+def render_prompt(query: str, tool_specs: Sequence[Mapping], history: Sequence[Mapping] = (),
+                  tool_schemas: bool = True) -> str:  # fmt: skip
+    """Tools, the query, then the turns so far (each a call block and its results block), then a new `<calls>`.
+
+    `history` holds earlier turns as `{"calls": [...], "results": [output text, ...]}`; results are shown the way
+    `agents/toolcall.py` shows them to every tool agent (`<results>`, one JSON line per call, ids over the chat).
+    `tool_schemas=False` lists the offered tools by name only (see `TTPAConfig.tool_schemas`).
+    """
+    from agents.toolcall import render_results
+
+    tools = ["Tools:", *(render_tool(spec) for spec in tool_specs)] if tool_schemas else [
+        "Tools: " + ", ".join(spec["name"] for spec in tool_specs)]  # fmt: skip
+    lines = [*tools, f"Query: {query.strip()}"]
+    numbered = 0
+    for turn in history:
+        calls = list(turn["calls"])
+        lines += [CALLS_TAG, render_calls(calls)]
+        named = [{"id": f"call_{numbered + i}", "name": call["name"]} for i, call in enumerate(calls)]
+        lines.append(render_results(zip(named, (ToolResult(True, str(out)) for out in turn["results"]), strict=True)))
+        numbered += len(calls)
+    return "\n".join([*lines, CALLS_TAG, ""])
+
+
+def task_prompt(task: Mapping, specs: Mapping[str, Mapping], tool_schemas: bool = True) -> str:
+    """The prompt of a checked task (`check_task`'s shape: offered tool names, history as JSON text or a list)."""
+    history = task.get("history") or []
+    history = json.loads(history) if isinstance(history, str) else history
+    return render_prompt(task["query"], [specs[name] for name in task["tools"]], history, tool_schemas)
 
 
 def render_calls(calls: Sequence[Mapping]) -> str:
@@ -665,6 +699,65 @@ def tool_task_records(tasks: Iterable[Mapping]) -> list[dict]:
              "answer": t["answer"]} for t in tasks]  # fmt: skip
 
 
+# ---------------------------------------------------------------------------------------------------- turns
+
+
+def _made_from(value: object, output: str) -> bool:
+    """Whether an argument value is made from a call's output: the same text or number, or a text holding the
+    number whole (a date built from a looked-up year)."""
+    if isinstance(value, bool):
+        return False
+    number = _number(output)
+    if isinstance(value, (int, float)):
+        return number is not None and math.isclose(value, number, rel_tol=1e-9, abs_tol=1e-9)
+    if not isinstance(value, str):
+        return False
+    if value.strip() == output.strip():
+        return True
+    return number is not None and re.search(rf"(?<![\d.]){re.escape(output.strip())}(?![\d.])", value) is not None
+
+
+def split_turns(task: Mapping, execute: Executor) -> tuple[list[dict], str | None]:
+    """(one task per turn, None) or ([], why not): a chain's calls grouped into the turns a model makes them in.
+
+    A model cannot write a value it has not seen: the second lookup of a bridge names what the first one found, a
+    calculation uses looked-up numbers. So a chain is cut where a call needs an earlier call's result: a call goes
+    in the turn after the latest turn whose results it uses (independent calls share a turn, as parallel calls).
+    Each turn becomes a task whose `history` holds the earlier turns' gold calls with their real results, executed
+    here, and whose `gold_calls` are that turn's calls: every value in them is in the query or in the history.
+    """
+    gold = json.loads(task["gold_calls"]) if isinstance(task["gold_calls"], str) else list(task["gold_calls"])
+    outputs = []
+    for index, call in enumerate(gold):
+        result = execute(call)
+        if not result.ok:
+            return [], f"gold call {index} ({call.get('name')}) fails: {result.error.code}: {result.error.message}"
+        outputs.append(result.output)
+    turn_of: list[int] = []
+    for j, call in enumerate(gold):
+        sources = [i for i in range(j) for value in (call.get("arguments") or {}).values() if _made_from(value, outputs[i])]
+        turn_of.append(1 + max(turn_of[i] for i in sources) if sources else 0)
+    turns = [[i for i in range(len(gold)) if turn_of[i] == k] for k in range(max(turn_of) + 1)]
+    steps, history = [], []
+    for k, members in enumerate(turns):
+        steps.append({"id": f"{task['id']}/turn-{k}", "task_id": task["id"], "turn": k, "turns": len(turns),
+                      "query": task["query"], "tools": list(task["tools"]), "gold_calls": [gold[i] for i in members],
+                      "history": json.dumps(history), "kind": task.get("kind", "")})  # fmt: skip
+        history = history + [{"calls": [gold[i] for i in members], "results": [outputs[i] for i in members]}]
+    return steps, None
+
+
+def turn_tasks(tasks: Iterable[Mapping], execute: Executor) -> tuple[list[dict], list[dict]]:
+    """(every task's turns, [{"id", "reason"}] of tasks whose gold calls do not run)."""
+    steps, dropped = [], []
+    for task in tasks:
+        turns, problem = split_turns(task, execute)
+        steps.extend(turns)
+        if problem:
+            dropped.append({"id": task.get("id"), "reason": problem})
+    return steps, dropped
+
+
 # ---------------------------------------------------------------------------------------------------- token-level pairs
 
 
@@ -734,7 +827,7 @@ def make_pairs(tasks: Sequence[Mapping], engine: Any, tokenizer: Any, specs: Map
     for task in tasks:
         gold = json.loads(task["gold_calls"]) if isinstance(task["gold_calls"], str) else list(task["gold_calls"])
         offered = {name: specs[name] for name in task["tools"]}
-        prompt_ids = list(tokenizer(render_prompt(task["query"], list(offered.values())))["input_ids"])
+        prompt_ids = list(tokenizer(task_prompt(task, specs, cfg.tool_schemas))["input_ids"])
         text = render_calls(gold)
         gold_ids, starts = _char_starts(tokenizer, text)
         regions = [min(text.count("\n", 0, start), len(gold)) for start in starts]
@@ -899,7 +992,18 @@ def check_task(row: Mapping, specs: Mapping[str, Mapping]) -> tuple[dict | None,
         error = validate_call(specs[call["name"]], call)
         if error:
             return None, f"gold call {index} ({call['name']}) fails its schema: {error.code}: {error.message}"
-    return {"id": row["id"], "query": row["query"], "tools": list(tools), "gold_calls": json.dumps(gold)}, None
+    history = row.get("history") or []
+    if isinstance(history, str):
+        try:
+            history = json.loads(history)
+        except json.JSONDecodeError as error:
+            return None, f"field 'history' is not JSON ({error.msg})"
+    for number, turn in enumerate(history if isinstance(history, list) else [None]):
+        if not isinstance(turn, Mapping) or not isinstance(turn.get("calls"), list) or not isinstance(
+                turn.get("results"), list) or len(turn["calls"]) != len(turn["results"]):  # fmt: skip
+            return None, f"field 'history' turn {number} is not {{'calls': [...], 'results': [...]}} of equal length"
+    return {"id": row["id"], "query": row["query"], "tools": list(tools), "gold_calls": json.dumps(gold),
+            "history": json.dumps(history)}, None
 
 
 @dataclass
@@ -984,8 +1088,7 @@ def run_ttpa_generation(tasks: Sequence[Mapping], out_dir: str | os.PathLike, en
         if task is not None and task["id"] in seen:
             task, problem = None, f"duplicate id {task['id']!r}"
         if task is not None:
-            offered = [index[name] for name in task["tools"]]
-            length = len(tokenizer(render_prompt(task["query"], offered))["input_ids"]) + len(
+            length = len(tokenizer(task_prompt(task, index, cfg.tool_schemas))["input_ids"]) + len(
                 tokenizer(render_calls(json.loads(task["gold_calls"])), add_special_tokens=False)["input_ids"])
             if length + cfg.max_new_tokens > max_len:
                 task, problem = None, (f"prompt + gold calls = {length} tokens, + max_new_tokens={cfg.max_new_tokens}"

@@ -39,6 +39,7 @@ from pipelines.ttpa import (
     TTPAConfig,
     build_reversed_tasks,
     check_consistency,
+    check_task,
     engine_query_writer,
     grounded_entities,
     make_pairs,
@@ -48,8 +49,11 @@ from pipelines.ttpa import (
     run_ttpa_generation,
     score_call,
     score_calls,
+    split_turns,
+    task_prompt,
     template_query_writer,
     tool_task_records,
+    turn_tasks,
 )
 
 
@@ -240,6 +244,45 @@ def test_consistency_filter_drops_by_reason(world, sandbox, engines):
     _, report = build_reversed_tasks(world, sandbox, 2, writer=engine_query_writer(EnginePool(engines), 16),
                                      cfg=ReversedConfig(kinds=["lookup"], max_attempts_per_sample=2))
     assert report.built == 0 and sum(report.dropped.values()) == 4
+
+
+# ---------------------------------------------------------------------------------------------------- turns
+
+
+def test_chains_are_cut_into_turns_where_a_call_needs_a_result(world, registry, sandbox):
+    specs = {spec["name"]: spec for spec in world.tools()}
+    founder_age = next(t for t in world.tool_tasks("train") if len(t["gold_calls"]) == 4)  # the world's own chain
+    turns, problem = split_turns(founder_age, sandbox.call)
+    gold = founder_age["gold_calls"]
+    assert problem is None and [len(json.loads(t["history"])) for t in turns] == [0, 1, 2]
+    # founder and founding year need nothing; the founder's birth year needs the founder; the subtraction needs both
+    assert [t["gold_calls"] for t in turns] == [[gold[0], gold[2]], [gold[1]], [gold[3]]]
+    last = json.loads(turns[2]["history"])
+    founder = registry.call(gold[0]).output
+    assert last[0] == {"calls": [gold[0], gold[2]], "results": [founder, registry.call(gold[2]).output]}
+    assert gold[1]["arguments"]["entity"] == founder  # every value of a turn is in the query or the history
+
+    prompt = task_prompt(turns[2], specs)
+    assert prompt.endswith("</results>\n<calls>\n") and prompt.count("<results>") == 2
+    assert f'{{"id":"call_0","name":"lookup","output":"{founder}"}}' in prompt  # agents/toolcall.py's result lines
+    assert '{"id":"call_2","name":"lookup"' in prompt  # ids run over the conversation
+    short = task_prompt(turns[0], specs, tool_schemas=False)
+    assert short.startswith("Tools: " + ", ".join(founder_age["tools"]) + "\nQuery: ") and '"arguments"' not in short
+
+    tasks, _ = build_reversed_tasks(world, sandbox, 10, cfg=ReversedConfig(kinds=["arithmetic", "bridge"], seed=2))
+    steps, dropped = turn_tasks(tasks, sandbox.call)
+    assert not dropped and len(steps) == 2 * len(tasks)  # both kinds take two turns
+    arithmetic = next(s for s in steps if s["turn"] == 1 and s["gold_calls"][0]["name"] == "calculate")
+    earlier = json.loads(arithmetic["history"])[0]
+    assert len(earlier["calls"]) == 2 and {c["name"] for c in earlier["calls"]} == {"lookup"}  # parallel lookups
+    checked, problem = check_task(arithmetic, specs)
+    assert problem is None and json.loads(checked["history"]) == json.loads(arithmetic["history"])
+
+    broken = {**founder_age, "gold_calls": [{"name": "lookup", "arguments": {"entity": "Nobody Atall",
+                                                                              "attribute": "birth_year"}}]}  # fmt: skip
+    assert split_turns(broken, sandbox.call)[1].startswith("gold call 0 (lookup) fails: execution_error")
+    for bad in ("[{\"calls\": []}]", "{not json", '[{"calls": [], "results": ["x"]}]'):
+        assert "field 'history'" in check_task({**arithmetic, "history": bad}, specs)[1]
 
 
 # ---------------------------------------------------------------------------------------------------- pairs
