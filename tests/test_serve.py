@@ -302,10 +302,11 @@ def test_each_key_is_rate_limited_on_its_own(served, http):
     import httpx
 
     with httpx.Client(base_url=served["url"], timeout=30, headers={"Authorization": f"Bearer {OTHER_KEY}"}) as other:
-        codes = [other.get("/v1/agents").status_code for _ in range(120)]  # burst 60, then 10 a second
-        limited = other.get("/v1/agents")
-    assert codes.count(200) >= 60 and 429 in codes
-    assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
+        responses = [other.get("/v1/agents") for _ in range(120)]  # burst 60, then 10 a second
+    codes = [r.status_code for r in responses]
+    assert codes.count(200) >= 60 and 429 in codes  # how many pass after the burst depends on the machine's speed
+    limited = next(r for r in responses if r.status_code == 429)
+    assert int(limited.headers["Retry-After"]) >= 1
     assert limited.json()["error"]["type"] == "rate_limit_error"
     assert http.get("/v1/agents").status_code == 200  # the other key is untouched
 
