@@ -148,7 +148,7 @@ class EmbedderTrainer:
         return prepare(texts)
 
     def step(self) -> dict[str, float]:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         s = self.settings
         mine = self.steps[self.step_index][self.rank :: self.world_size]
         count, negatives = len(mine), len(mine[0]["negatives"])
@@ -167,10 +167,12 @@ class EmbedderTrainer:
             scores = torch.nn.functional.normalize(queries, dim=-1) @ candidates.T
             correct = float((scores.argmax(-1) == torch.arange(count)).sum())
         self.step_index += 1
-        summed = self.all_reduce(torch.tensor([float(loss.detach()) * count, correct, float(count)], dtype=torch.float64))
+        cpu = time.process_time() - cpu_started
+        summed = self.all_reduce(torch.tensor([float(loss.detach()) * count, correct, float(count), cpu],
+                                              dtype=torch.float64))  # fmt: skip
         return {"step": self.step_index, "time": time.time(), "loss": float(summed[0] / summed[2]),
                 "in_batch_accuracy": float(summed[1] / summed[2]), "rows": int(summed[2]), "grad_norm": grad_norm,
-                "lr": lr, "seconds": time.perf_counter() - started}  # fmt: skip
+                "lr": lr, "seconds": time.perf_counter() - started, "cpu_seconds": float(summed[3])}  # fmt: skip
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> Path:

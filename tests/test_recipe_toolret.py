@@ -153,7 +153,7 @@ def test_training_rows_are_checked_before_training():
 
 TINY = ["recipe=toolret", "recipe.source=synthetic", "recipe.max_train_queries=40", "recipe.max_test_queries=12",
         "recipe.steps=4", "recipe.batch_size=4", "recipe.num_workers=2", "recipe.lr=1e-4", "recipe.warmup_steps=0",
-        "recipe.max_seq_length=64", "recipe.report_every=2", "recipe.eval_cpus=0.5"]
+        "recipe.max_seq_length=64", "recipe.train_max_seq_length=32", "recipe.report_every=2", "recipe.eval_cpus=0.5"]
 
 
 @pytest.mark.slow
@@ -172,7 +172,7 @@ def test_toolret_recipe_end_to_end_on_ray_and_resume(ray_cluster, small_world, t
             "recall@10 base", "recall@10 trained", "c@10 base", "c@10 trained"} <= set(table[0])
     assert {r["test"] for r in table} == {"unseen_tools", "seen_tools"}
     assert all(0.0 <= float(r["ndcg@10 trained"]) <= 1.0 for r in table)
-    for name in ("results.md", "train_loss.png", "curve_ndcg@10.png", "splits/synthetic_tools.json",
+    for name in ("results.md", "timing.md", "train_loss.png", "curve_ndcg@10.png", "splits/synthetic_tools.json",
                  "base/synthetic_tools/result.json", "trained/synthetic_tools/result.json", "train/result.json"):
         assert (tmp_path / name).is_file(), name
     trained = json.loads((tmp_path / "train" / "result.json").read_text())

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from pipelines.data.beir import RetrievalTask
 from pipelines.data.tool_pairs import TEST_GROUPS, ToolSplit
-from pipelines.recipes.exsearch import _done, _finish  # a stage folder is finished when its result.json exists
+from pipelines.recipes.iterations import finished_result, write_result
 from pipelines.report import plot_curves, write_table
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def evaluate_encoder(model_path: str | None, task: RetrievalTask, split: ToolSpl
     from pipelines.evaluate import retrieve
     from pipelines.metrics import evaluate_run
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     cfg = RetrieverConfig(kind="dense", index="flat", model_path=model_path, max_seq_length=settings["max_seq_length"],
                           batch_size=settings["batch_size"])  # fmt: skip
     embedder = Embedder(model_path, settings["max_seq_length"], device="cpu")
@@ -114,6 +114,7 @@ def evaluate_encoder(model_path: str | None, task: RetrievalTask, split: ToolSpl
                                                        settings["hard_negatives"], settings["mine_depth"],
                                                        settings["seed"])  # fmt: skip
     result["seconds"] = round(time.perf_counter() - started, 1)
+    result["cpu_seconds"] = round(time.process_time() - cpu_started, 1)  # what the stage costs on idle cores
     return result
 
 
@@ -125,7 +126,7 @@ def evaluate_all(model_path: str | None, tasks: list[RetrievalTask], splits: dic
     settings = {"max_seq_length": recipe.max_seq_length, "batch_size": recipe.eval_batch_size,
                 "instructions": recipe.instructions, "depth": recipe.depth, "mine": mine,
                 "hard_negatives": recipe.hard_negatives, "mine_depth": recipe.mine_depth, "seed": seed}  # fmt: skip
-    results = {task.name: _done(stage / task.name) for task in tasks}
+    results = {task.name: finished_result(stage / task.name) for task in tasks}
     pending = [task for task in tasks if results[task.name] is None]
     if pending:
         remote = ray.remote(num_cpus=recipe.eval_cpus, max_retries=1)(evaluate_encoder)
@@ -138,7 +139,7 @@ def evaluate_all(model_path: str | None, tasks: list[RetrievalTask], splits: dic
             raise TimeoutError(f"[{stage.name}] evaluating {names} took longer than recipe.eval_timeout_s="
                                f"{recipe.eval_timeout_s}") from None  # fmt: skip
         for task, output in zip(pending, outputs, strict=True):
-            results[task.name] = _finish(stage / task.name, {"model": model_path, **output})
+            results[task.name] = write_result(stage / task.name, {"model": model_path, **output})
     return results  # type: ignore[return-value]
 
 
@@ -161,14 +162,14 @@ def run_toolret(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
     base = evaluate_all(None, tasks, splits, out / "base", recipe, cfg.seed, mine=True)
 
     train_dir = out / "train"
-    trained = _done(train_dir)
+    trained = finished_result(train_dir)
     if trained is None:
         pairs = [row for name, split in splits.items()
                  for row in training_pairs(by_name[name], split.train, base[name]["hard_negatives"])]  # fmt: skip
         batch_size, plan = fit_batches(pairs, recipe.batch_size, recipe.steps, recipe.num_workers, cfg.seed)
         settings = EmbedderSettings(
             base_path=None, lr=recipe.lr, lr_schedule=recipe.lr_schedule, warmup_steps=recipe.warmup_steps,
-            weight_decay=recipe.weight_decay, temperature=recipe.temperature, max_seq_length=recipe.max_seq_length,
+            weight_decay=recipe.weight_decay, temperature=recipe.temperature, max_seq_length=recipe.train_max_seq_length,
             freeze_embeddings=recipe.freeze_embeddings, checkpoint_every=recipe.checkpoint_every,
             report_every=recipe.report_every, threads=cfg.trainer.threads, seed=cfg.seed,
         )
@@ -179,15 +180,19 @@ def run_toolret(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
                                        Placement.of_trainer(cfg.trainer), cfg.trainer.max_failures)  # fmt: skip
         embedder = export_embedder(result.checkpoint, out / "embedder")
         last = result.history[-1] if result.history else {}
-        trained = _finish(train_dir, {
+        trained = write_result(train_dir, {
             "checkpoint": str(result.checkpoint), "embedder": str(embedder), "pairs": len(pairs),
             "steps": recipe.steps, "batch_size": batch_size, "epochs": round(recipe.steps * batch_size / len(pairs), 2),
             "seconds": round(time.perf_counter() - train_started, 1), "final_loss": last.get("loss"),
+            "cpu_seconds": round(sum(row.get("cpu_seconds", 0.0) for row in result.history), 1),
             "history": result.history,
         })  # fmt: skip
     after = evaluate_all(trained["embedder"], tasks, splits, out / "trained", recipe, cfg.seed, mine=False)
     rows = result_rows(splits, base, after)
-    report(rows, trained, out, source, time.perf_counter() - started)
+    timing = timing_rows(base, trained, after, time.perf_counter() - started)
+    write_table(timing, out, "timing", title="Stage costs: wall seconds (summed over parallel tasks) and CPU seconds "
+                "(summed over processes; / 2 = the least wall time on 2 idle cores)")  # fmt: skip
+    report(rows, trained, out, source)
     print(f"Trained embedder: {trained['embedder']} (use it with retriever.model_path={trained['embedder']})", flush=True)
     return rows
 
@@ -220,11 +225,25 @@ def result_rows(splits: dict[str, ToolSplit], base: dict[str, dict], after: dict
     return rows
 
 
-def report(rows: list[dict], trained: dict, out: Path, source: str, seconds: float) -> None:
+def timing_rows(base: dict[str, dict], trained: dict, after: dict[str, dict], seconds: float) -> list[dict]:
+    """Wall and CPU seconds per stage, as each stage measured them when it ran (a reused stage keeps its figures)."""
+    def total(results: dict[str, dict], key: str) -> float:
+        return round(sum(r.get(key, 0.0) for r in results.values()), 1)
+
+    return [{"stage": "base (encode, search, mine)", "seconds": total(base, "seconds"),
+             "cpu_seconds": total(base, "cpu_seconds")},
+            {"stage": "train", "seconds": trained["seconds"], "cpu_seconds": trained.get("cpu_seconds", "")},
+            {"stage": "trained (encode, search)", "seconds": total(after, "seconds"),
+             "cpu_seconds": total(after, "cpu_seconds")},
+            {"stage": "the recipe, this invocation (reused stages add nothing)", "seconds": round(seconds, 1),
+             "cpu_seconds": ""}]  # fmt: skip
+
+
+def report(rows: list[dict], trained: dict, out: Path, source: str) -> None:
     """results.csv / results.md, the training curve, and nDCG@10 untrained -> trained per dataset and test group."""
     title = (f"ToolRet: untrained vs contrastively trained all-MiniLM-L6-v2 on held-out tool-retrieval queries "
-             f"({source} data; {trained['pairs']} pairs, {trained['steps']} steps of {trained['batch_size']}; "
-             f"{seconds / 60:.1f} min)")  # fmt: skip
+             f"({source} data; {trained['pairs']} training pairs, {trained['steps']} steps of "
+             f"{trained['batch_size']})")  # fmt: skip
     write_table(rows, out, "results", title=title)
     if trained.get("history"):
         plot_curves(trained["history"], "step", ["loss", "in_batch_accuracy"], out / "train_loss.png",
