@@ -18,6 +18,7 @@ from agents.selector import SelectorConfig
 from cluster.config import ClusterConfig
 from pipelines.data.world import WorldConfig
 from pipelines.generate import EStepConfig
+from pipelines.ttpa import ReversedConfig, TTPAConfig
 
 
 @dataclass
@@ -147,6 +148,40 @@ class DRORecipeConfig:
     """Show the retriever's top N in a seeded per-question order, so the retriever's ranking is no hint."""
     selector: SelectorConfig = field(default_factory=SelectorConfig)
     estep: EStepConfig = field(default_factory=EStepConfig)
+
+
+@dataclass
+class TTPARecipeConfig:
+    """TTPA: reversed construction -> SFT -> token-level pairs -> `token_dpo` (pipelines/recipes/ttpa.py):
+    `conf/recipe/ttpa.yaml`."""
+
+    name: str = "ttpa"
+    rounds: int = 1
+    """Preference rounds (pairs from the current policy, then `token_dpo`) after the SFT."""
+    train_tasks: int = 300
+    """Tasks built by reversed construction on the world's train split (each cut into turns)."""
+    train_worlds: int = 0
+    """Other seeded worlds (same sizes, other names) whose reversed tasks join the training tasks, `train_tasks`
+    each: a tiny model copies names it never saw only after copying many different ones."""
+    test_tasks: int = 200
+    """Held-out tasks of the results table."""
+    test_entities: str = "test"
+    """`test`: held-out tasks on the test split's entities (names the policy never saw); `train`: new tasks on the
+    train split's entities (chains, phrasings and attributes the policy never saw, names it did)."""
+    sft_steps: int = 300
+    sft_lr: float = 3e-3
+    dpo_lr: float = 3e-5
+    dpo_beta: float = 0.1
+    dpo_epochs: int = 1
+    dpo_steps: int = -1
+    """Stop token_dpo after this many steps (-1 = run `dpo_epochs` over the pairs)."""
+    micro_batch_size: int = 4
+    """Sequences per forward pass in SFT and token_dpo (instead of trainer.micro_batch_size): a padded micro-batch
+    wastes less on the long turns."""
+    pair_turns: int = 0
+    """Train turns to build pairs on per round (0 = all)."""
+    reversed: ReversedConfig = field(default_factory=ReversedConfig)
+    pairs: TTPAConfig = field(default_factory=TTPAConfig)
 
 
 @dataclass
@@ -287,7 +322,8 @@ class ToolSeekConfig:
 SCHEMA_NAME = "toolseek_schema"
 
 
-RECIPE_SCHEMAS: dict[str, type] = {"exsearch": ExSearchRecipeConfig, "toolret": ToolRetRecipeConfig, "dro": DRORecipeConfig}
+RECIPE_SCHEMAS: dict[str, type] = {"exsearch": ExSearchRecipeConfig, "toolret": ToolRetRecipeConfig, "dro": DRORecipeConfig,
+                                  "ttpa": TTPARecipeConfig}
 """Recipe name -> its schema. A new recipe adds its dataclass here and `defaults: [<name>_schema, _self_]` to its YAML."""
 
 

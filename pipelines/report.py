@@ -63,3 +63,26 @@ def plot_curves(rows: Sequence[dict], x: str, metrics: Sequence[str], path: str 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_bars(rows: Sequence[dict], x: str, series: Sequence[str], path: str | Path, title: str = "") -> Path:
+    """One PNG of grouped bars: a group per row (labelled by `x`), a bar per series (e.g. counts before / after)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) * max(1, len(series)) / 2 + 2), 4))
+    for i, name in enumerate(series):
+        positions = [j + (i - (len(series) - 1) / 2) * width for j in range(len(rows))]
+        bars = ax.bar(positions, [row.get(name, 0) or 0 for row in rows], width, label=name)
+        ax.bar_label(bars, fontsize=7)
+    ax.set_xticks(range(len(rows)), [str(row[x]) for row in rows], rotation=20, ha="right")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

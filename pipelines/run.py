@@ -25,7 +25,8 @@ from pipelines.report import markdown_table, write_table
 
 log = logging.getLogger(__name__)
 
-RECIPES = {"exsearch": "pipelines.recipes.exsearch:run_exsearch", "toolret": "pipelines.recipes.toolret:run_toolret", "dro": "pipelines.recipes.dro:run_dro"}
+RECIPES = {"exsearch": "pipelines.recipes.exsearch:run_exsearch", "toolret": "pipelines.recipes.toolret:run_toolret", "dro": "pipelines.recipes.dro:run_dro",
+           "ttpa": "pipelines.recipes.ttpa:run_ttpa"}
 """Recipe name -> `module:function(cfg, out, prepared)`; each recipe's schema is in pipelines/config.py RECIPE_SCHEMAS."""
 
 
