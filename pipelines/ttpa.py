@@ -262,7 +262,7 @@ def _top_key(path: str | None) -> str | None:
     return re.split(r"[.\[]", path, maxsplit=1)[0] if path else None
 
 
-def _same_value(a: object, b: object) -> bool:
+def same_value(a: object, b: object) -> bool:
     """Gold comparison: numbers by value (5 == 5.0), strings stripped, bools only equal bools, recursive."""
     if isinstance(a, bool) or isinstance(b, bool):
         return isinstance(a, bool) and isinstance(b, bool) and a == b
@@ -271,9 +271,9 @@ def _same_value(a: object, b: object) -> bool:
     if isinstance(a, str) and isinstance(b, str):
         return a.strip() == b.strip()
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return set(a) == set(b) and all(_same_value(a[k], b[k]) for k in a)
+        return set(a) == set(b) and all(same_value(a[k], b[k]) for k in a)
     return a == b
 
 
@@ -323,14 +323,14 @@ def call_errors(call: Mapping, gold_call: Mapping, specs: Mapping[str, Mapping] 
             continue
         default = schema.get("default", _ABSENT)
         if key not in arguments:  # left out: fine only if the default is what the gold asks for
-            if default is _ABSENT or not _same_value(default, gold_arguments[key]):
+            if default is _ABSENT or not same_value(default, gold_arguments[key]):
                 errors.append(MISSING_ARGUMENT)
         elif key not in gold_arguments:  # given though the gold leaves it out: fine only if it is the default
             if default is _ABSENT:
                 errors.append(UNEXPECTED_ARGUMENT)
-            elif not _same_value(arguments[key], default):
+            elif not same_value(arguments[key], default):
                 errors.append(WRONG_VALUE)
-        elif not _same_value(arguments[key], gold_arguments[key]):
+        elif not same_value(arguments[key], gold_arguments[key]):
             errors.append(WRONG_VALUE)
     if schema_clean and execute is not None:
         result = execute({"name": name, "arguments": arguments})

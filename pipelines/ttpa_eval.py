@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.tools import ToolResult
-from pipelines.ttpa import END_TAG, TTPAConfig, parse_calls, render_calls, score_calls, task_prompt
+from pipelines.ttpa import END_TAG, TTPAConfig, parse_calls, render_calls, same_value, score_calls, task_prompt
 
 
 @dataclass
@@ -28,6 +28,10 @@ class CallEvaluation:
     """Error code -> how often the scorer found it over all turns (a turn can have several)."""
     rows: list[dict] = field(default_factory=list)
     """One per turn: id, the gold call text, the policy's output, its score and errors."""
+    arguments: dict[str, list[int]] = field(default_factory=dict)
+    """`tool.argument` -> [right, asked]: each gold argument of a call made to the right tool, judged alone. Says what
+    the error codes cannot: whether the values a policy must choose (an attribute, a unit) or copy (a name, a number
+    from the query or a result) are the wrong ones."""
 
 
 def cached(execute: Callable[[Mapping], ToolResult]) -> Callable[[Mapping], ToolResult]:
@@ -61,6 +65,7 @@ def evaluate_calls(turns: Sequence[Mapping], engine: Any, tokenizer: Any, specs:
     for start in range(0, len(prompts), chunk):  # bounded requests: each has the pool's deadline
         outputs += [g.completions[0].text for g in engine.generate(prompts[start : start + chunk], sampling)]
     errors: Counter = Counter()
+    arguments: dict[str, list[int]] = {}
     rows, calls_right, tools_right, calls_total, by_task = [], 0, 0, 0, {}
     for turn, text in zip(turns, outputs, strict=True):
         gold = json.loads(turn["gold_calls"]) if isinstance(turn["gold_calls"], str) else list(turn["gold_calls"])
@@ -70,7 +75,15 @@ def evaluate_calls(turns: Sequence[Mapping], engine: Any, tokenizer: Any, specs:
         errors.update(verdict.errors)
         correct = not verdict.errors
         calls_right += sum(score == 1.0 for score in verdict.per_call)
-        tools_right += sum(call.get("name") == want["name"] for call, want in zip(calls, gold, strict=False))
+        for call, want in zip(calls, gold, strict=False):
+            if call.get("name") != want["name"]:
+                continue
+            tools_right += 1
+            given = call.get("arguments") if isinstance(call.get("arguments"), Mapping) else {}
+            for key, value in (want.get("arguments") or {}).items():
+                tally = arguments.setdefault(f"{want['name']}.{key}", [0, 0])
+                tally[0] += key in given and same_value(given[key], value)
+                tally[1] += 1
         calls_total += len(gold)
         task = turn.get("task_id", turn["id"])
         by_task[task] = by_task.get(task, True) and correct
@@ -86,4 +99,4 @@ def evaluate_calls(turns: Sequence[Mapping], engine: Any, tokenizer: Any, specs:
         "tasks": len(by_task),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    return CallEvaluation(metrics, dict(errors.most_common()), rows)
+    return CallEvaluation(metrics, dict(errors.most_common()), rows, dict(sorted(arguments.items())))

@@ -28,6 +28,52 @@ TOY = [
 ]
 
 
+def test_held_out_evaluation_scores_each_turn_and_argument(tiny_policy, small_world):
+    """A scripted policy (the model's only double) answers three turns: right, a wrong copied name, cut off."""
+    from transformers import AutoTokenizer
+
+    from actors.tools import MISSING_ARGUMENT, ToolRegistry
+    from pipelines.ttpa import (
+        MALFORMED,
+        MISSING_CALL,
+        WRONG_VALUE,
+        ReversedConfig,
+        TTPAConfig,
+        build_reversed_tasks,
+        render_calls,
+        turn_tasks,
+    )
+    from pipelines.ttpa_eval import cached, evaluate_calls
+    from tests.doubles import ScriptedPolicy
+
+    registry = ToolRegistry.from_functions(small_world.tools(), small_world.tool_functions())
+    tasks, _ = build_reversed_tasks(small_world, registry, 3, "test", ReversedConfig(kinds=["lookup"]))
+    turns, _ = turn_tasks(tasks, registry.call)
+    gold = {t["query"]: t["gold_calls"][0] for t in turns}
+    outputs = []
+
+    def answer(context: str) -> str:
+        call = gold[context.split("Query: ")[1].split("\n")[0]]
+        outputs.append(call)
+        if len(outputs) == 2:
+            return render_calls([{**call, "arguments": {**call["arguments"], "entity": "Somebody Else"}}])
+        if len(outputs) == 3:
+            return render_calls([{"name": "lookup", "arguments": {"entity": call["arguments"]["entity"]}}])[:-3]
+        return render_calls([call])
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy, local_files_only=True)
+    specs = {spec["name"]: spec for spec in small_world.tools()}
+    result = evaluate_calls(turns, ScriptedPolicy(tokenizer, answer), tokenizer, specs, TTPAConfig(),
+                            cached(registry.call))  # fmt: skip
+    assert [r["correct"] for r in result.rows] == [True, False, False]
+    assert result.metrics["turn_accuracy"] == result.metrics["task_accuracy"] == pytest.approx(1 / 3)
+    assert result.metrics["call_accuracy"] == pytest.approx(1 / 3) and result.metrics["tool_accuracy"] == 1.0
+    # the unknown name also fails to run; the cut-off call lacks its attribute and its end tag
+    assert result.errors == {WRONG_VALUE: 1, "execution_error": 1, MISSING_ARGUMENT: 1, MALFORMED: 1}
+    assert MISSING_CALL not in result.errors
+    assert result.arguments == {"lookup.attribute": [2, 3], "lookup.entity": [2, 3]}
+
+
 def _result_times(out):
     return {path.parent.name: path.stat().st_mtime_ns for path in out.glob("*/result.json")}
 
@@ -48,7 +94,7 @@ def test_ttpa_recipe_runs_end_to_end_and_resumes_by_stage(ray_cluster, tmp_path)
     assert len(table) == 2
     assert {"turn_accuracy", "task_accuracy", "call_accuracy", "score", "turns", "pairs"} <= set(table[0])
     assert any(column.startswith("err_") for column in table[0])  # the error breakdown, a column per code
-    for name in ("results.md", "errors.md", "errors.csv"):
+    for name in ("results.md", "errors.md", "errors.csv", "arguments.md"):
         assert (tmp_path / name).is_file()
     for png in ("errors.png", "accuracy.png"):
         assert (tmp_path / png).stat().st_size > 1000
@@ -68,6 +114,10 @@ def test_ttpa_recipe_runs_end_to_end_and_resumes_by_stage(ray_cluster, tmp_path)
         assert row["score"] == pytest.approx(sum(float(c["score"]) for c in calls) / len(calls))
         errors = sum(len(c["errors"].split()) for c in calls)
         assert errors == sum(v for k, v in row.items() if k.startswith("err_"))
+
+    with open(tmp_path / "arguments.csv") as handle:  # e.g. lookup.entity: the policy's copy of a name, judged alone
+        arguments = list(csv.DictReader(handle))  # (none when the toy policy never calls the right tool)
+    assert all(0.0 <= float(a[k]) <= 1.0 for a in arguments for k in a if k.startswith("sft") and a[k])
 
     pairs = records.read_records(tmp_path / "pairs-01" / "pairs", "preference_pair").to_pylist()
     assert pairs and rounds[1]["pairs"] == len(pairs)

@@ -220,10 +220,11 @@ def run_ttpa(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
             evaluation = evaluate_calls(test_turns, engines.at(checkpoint), tokenizer, specs, ttpa_cfg, execute)
             write_table(evaluation.rows, folder, "test_calls")
             result = _finish(folder, {"checkpoint": checkpoint, "metrics": evaluation.metrics,
-                                      "errors": evaluation.errors})  # fmt: skip
+                                      "errors": evaluation.errors, "arguments": evaluation.arguments})  # fmt: skip
         return result
 
-    rounds = [{"round": 0, "stage": "sft", **_row(evaluate(out / "eval-00", sft["checkpoint"]))}]
+    evaluations = [evaluate(out / "eval-00", sft["checkpoint"])]
+    rounds = [{"round": 0, "stage": "sft", **_row(evaluations[0])}]
     print(markdown_table(rounds), flush=True)
 
     # ---- preference rounds --------------------------------------------------------------------------------------
@@ -255,13 +256,14 @@ def run_ttpa(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
                 dpo = {"checkpoint": current, "trained": False, "pairs": table.num_rows, "final_loss": None}
             dpo = _finish(dpo_dir, dpo)
         current = dpo["checkpoint"]
-        row = {"round": t, "stage": "token_dpo", **_row(evaluate(out / f"eval-{t:02d}", current)),
+        evaluations.append(evaluate(out / f"eval-{t:02d}", current))
+        row = {"round": t, "stage": "token_dpo", **_row(evaluations[-1]),
                "pairs": dpo["pairs"], "dpo_loss": dpo["final_loss"]}  # fmt: skip
         rounds.append(row)
         print(markdown_table(rounds[-1:]), flush=True)
     engines.close()
     sandbox.shutdown()
-    report(rounds, out, time.perf_counter() - started, recipe.test_entities)
+    report(rounds, [e["arguments"] for e in evaluations], out, time.perf_counter() - started, recipe.test_entities)
     return rounds
 
 
@@ -271,8 +273,9 @@ def _row(result: dict) -> dict:
     return {**row, **{f"err_{code}": n for code, n in result["errors"].items()}}
 
 
-def report(rounds: list[dict], out: Path, seconds: float, test_entities: str) -> None:
-    """results.csv / results.md, errors.csv / errors.md (error code x round) and the PNGs."""
+def report(rounds: list[dict], arguments: list[dict], out: Path, seconds: float, test_entities: str) -> None:
+    """results.csv / results.md, errors.csv / errors.md (error code x round), arguments.csv / arguments.md (argument
+    accuracy x round) and the PNGs."""
     codes = sorted({k[4:] for row in rounds for k in row if k.startswith("err_")},
                    key=lambda code: -rounds[0].get(f"err_{code}", 0))  # fmt: skip
     for row in rounds:  # every round has every code's column (0 when it was not seen)
@@ -284,6 +287,11 @@ def report(rounds: list[dict], out: Path, seconds: float, test_entities: str) ->
     errors = [{"error": code, **{label: row[f"err_{code}"] for label, row in zip(labels, rounds, strict=True)}}
               for code in codes]  # fmt: skip
     write_table(errors, out, "errors", title="Errors found by the TTPA scorer on the held-out turns, per round")
+    names = sorted({name for tallies in arguments for name in tallies})
+    rows = [{"argument": name, "asked": arguments[0].get(name, [0, 0])[1],
+             **{label: (tallies[name][0] / tallies[name][1] if tallies.get(name) else None)
+                for label, tallies in zip(labels, arguments, strict=True)}} for name in names]  # fmt: skip
+    write_table(rows, out, "arguments", title="Held-out argument accuracy (calls to the right tool), per round")
     if codes:
         plot_bars(errors, "error", labels, out / "errors.png", title="held-out errors by type, per round")
     plot_curves(rounds, "round", ["turn_accuracy", "call_accuracy", "score"], out / "accuracy.png",
