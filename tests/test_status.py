@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 from pipelines import records
 from pipelines.data.export import world_folders
 from pipelines.generate import EStepSummary, _write_shard
-from pipelines.recipes.exsearch import _finish, _row, report
+from pipelines.recipes.exsearch import _row, report
+from pipelines.recipes.iterations import write_result
 from pipelines.report import write_table
 from pipelines.shards import write_quarantine
 from pipelines.status import WARM_START, NotARunFolderError, main, render, summarize
@@ -74,7 +75,7 @@ def _finished_iteration(out, variant: str, iteration: int, em: float) -> dict:
     _estep(folder, 2, complete=True)
     _train_log(folder, "mstep", 3)
     result = _result(em)
-    _finish(folder, result)
+    write_result(folder, result)
     return result
 
 
@@ -95,7 +96,7 @@ def run(tmp_path, small_world, tiny_policy):
     warm_dir = out / WARM_START
     warm_dir.mkdir()
     _train_log(warm_dir, "sft", cfg.recipe.warm_start_steps)
-    warm = _finish(warm_dir, _result(0.30, estep=False))
+    warm = write_result(warm_dir, _result(0.30, estep=False))
     first = _finished_iteration(out, "importance", 1, 0.40)
     _estep(out / "iter-02-importance", 1, complete=False)  # the E-step wrote one of its shards, then the job stopped
     return {"out": out, "cfg": cfg, "warm": warm, "importance": [first]}

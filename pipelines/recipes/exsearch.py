@@ -14,7 +14,6 @@ folder) reuses finished iterations, so a stopped job continues at the first unfi
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -26,22 +25,12 @@ import pyarrow.compute as pc
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines import records
+from pipelines.recipes.iterations import finished_result, write_result
 from pipelines.report import markdown_table, plot_curves, write_table
 
 log = logging.getLogger(__name__)
 
 VARIANTS = ("importance", "uniform", "rejection")
-
-
-def _done(folder: Path) -> dict | None:
-    path = folder / "result.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _finish(folder: Path, result: dict) -> dict:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "result.json").write_text(json.dumps(result, indent=2, default=str))
-    return result
 
 
 def _split_train(questions: list[dict], warm: int, estep: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -124,7 +113,7 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
 
     # ---- warm start -----------------------------------------------------------------------------------------
     warm_dir = out / "iter-00-warm-start"
-    warm = _done(warm_dir)
+    warm = finished_result(warm_dir)
     engines = None
     if warm is None:
         # a gold run searches once per hop: the demonstrations may need more steps than the agent is later allowed
@@ -148,7 +137,7 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
         dev_metrics, _ = evaluate_exsearch(agent, dev)
         test_metrics, rows_out = evaluate_exsearch(agent, test)
         write_table(rows_out, warm_dir, "test_answers")
-        warm = _finish(warm_dir, {"checkpoint": str(trained.checkpoint), "dev": dev_metrics, "test": test_metrics,
+        warm = write_result(warm_dir, {"checkpoint": str(trained.checkpoint), "dev": dev_metrics, "test": test_metrics,
                                   "demonstrations": len(rows)})
     if engines is None:
         engines = start_engines(warm["checkpoint"], cfg.engine, cfg.model.dtype)
@@ -165,7 +154,7 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
         best_dev = warm["dev"]["em"]
         for iteration in range(1, recipe.iterations + 1):
             folder = out / f"iter-{iteration:02d}-{variant}"
-            result = _done(folder)
+            result = finished_result(folder)
             if result is None:
                 pool.reload(current["checkpoint"])
                 estep = replace(estep_cfg, seed=cfg.seed * 1000 + iteration)
@@ -189,7 +178,7 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
                 test_metrics, answers = evaluate_exsearch(agent, test)
                 write_table(answers, folder, "test_answers")
                 kept = not recipe.keep_best or dev_metrics["em"] >= best_dev
-                result = _finish(folder, {
+                result = write_result(folder, {
                     "checkpoint": checkpoint if kept else current["checkpoint"], "trained_checkpoint": checkpoint,
                     "kept": kept, "dev": dev_metrics, "test": test_metrics,
                     "estep": asdict(summary), "mstep_rows": table.num_rows,

@@ -32,7 +32,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines import records
-from pipelines.recipes.exsearch import _done, _finish  # a stage folder is finished when its result.json exists
+from pipelines.recipes.iterations import finished_result, write_result
 from pipelines.report import markdown_table, plot_bars, plot_curves, write_table
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def run_ttpa(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
 
     # ---- data ---------------------------------------------------------------------------------------------------
     data_dir = out / "data"
-    data = _done(data_dir)
+    data = finished_result(data_dir)
     worlds = other_worlds(world, recipe.train_worlds)
     if data is None:
         from pipelines.ttpa import tool_task_records
@@ -193,7 +193,7 @@ def run_ttpa(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
         registry = ToolRegistry.from_functions(other.tools(), other.tool_functions())
         extra_turns += load_turns(data_dir / f"train-world-{index}", registry.call)
     if data is None:
-        data = _finish(data_dir, {"train_tasks": len(train_tasks), "test_tasks": len(test_tasks),
+        data = write_result(data_dir, {"train_tasks": len(train_tasks), "test_tasks": len(test_tasks),
                                   "other_world_tasks": sum(len(t) for n, t in parts.items() if n.startswith("train-")),
                                   "train_turns": len(train_turns), "other_world_turns": len(extra_turns),
                                   "test_turns": len(test_turns), "construction": figures})  # fmt: skip
@@ -203,7 +203,7 @@ def run_ttpa(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
 
     # ---- SFT ----------------------------------------------------------------------------------------------------
     sft_dir = out / "sft"
-    sft = _done(sft_dir)
+    sft = finished_result(sft_dir)
     if sft is None:
         rows = sft_rows(train_turns + extra_turns, tokenizer, specs, ttpa_cfg.tool_schemas)
         settings = TrainSettings.from_config(cfg.trainer, policy, objective="sft", lr=recipe.sft_lr,
@@ -211,15 +211,15 @@ def run_ttpa(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
                                              micro_batch_size=recipe.micro_batch_size)  # fmt: skip
         print(f"[ttpa] SFT on {len(rows)} turns for {recipe.sft_steps} steps", flush=True)
         trained = train(rows, settings, sft_dir, "sft")
-        sft = _finish(sft_dir, {"checkpoint": str(trained.checkpoint), "rows": len(rows),
+        sft = write_result(sft_dir, {"checkpoint": str(trained.checkpoint), "rows": len(rows),
                                 "final_loss": trained.metrics.get("loss")})  # fmt: skip
 
     def evaluate(folder: Path, checkpoint: str) -> dict:
-        result = _done(folder)
+        result = finished_result(folder)
         if result is None:
             evaluation = evaluate_calls(test_turns, engines.at(checkpoint), tokenizer, specs, ttpa_cfg, execute)
             write_table(evaluation.rows, folder, "test_calls")
-            result = _finish(folder, {"checkpoint": checkpoint, "metrics": evaluation.metrics,
+            result = write_result(folder, {"checkpoint": checkpoint, "metrics": evaluation.metrics,
                                       "errors": evaluation.errors, "arguments": evaluation.arguments})  # fmt: skip
         return result
 
@@ -231,15 +231,15 @@ def run_ttpa(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
     current = sft["checkpoint"]
     for t in range(1, recipe.rounds + 1):
         pairs_dir = out / f"pairs-{t:02d}"
-        pairs = _done(pairs_dir)
+        pairs = finished_result(pairs_dir)
         if pairs is None:
             chosen_turns = train_turns[: recipe.pair_turns] if recipe.pair_turns > 0 else train_turns
             engines.at(current)
             summary = run_ttpa_generation(chosen_turns, pairs_dir / "pairs", engines.engines, sandbox, current,
                                           ttpa_cfg, {"round": t, "ttpa": asdict(ttpa_cfg)})  # fmt: skip
-            pairs = _finish(pairs_dir, {"policy": current, "summary": asdict(summary)})
+            pairs = write_result(pairs_dir, {"policy": current, "summary": asdict(summary)})
         dpo_dir = out / f"dpo-{t:02d}"
-        dpo = _done(dpo_dir)
+        dpo = finished_result(dpo_dir)
         if dpo is None:
             table = records.read_records(pairs_dir / "pairs", "preference_pair")
             settings = TrainSettings.from_config(cfg.trainer, current, objective="token_dpo", lr=recipe.dpo_lr,
@@ -254,7 +254,7 @@ def run_ttpa(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
             else:  # too few pairs for one batch: the policy stays as it was, and the table says so
                 print(f"[ttpa {t}] {table.num_rows} pairs < batch_size={settings.batch_size}: no training", flush=True)
                 dpo = {"checkpoint": current, "trained": False, "pairs": table.num_rows, "final_loss": None}
-            dpo = _finish(dpo_dir, dpo)
+            dpo = write_result(dpo_dir, dpo)
         current = dpo["checkpoint"]
         evaluations.append(evaluate(out / f"eval-{t:02d}", current))
         row = {"round": t, "stage": "token_dpo", **_row(evaluations[-1]),
