@@ -49,7 +49,7 @@ class EStepConfig:
     batch_size: int = 16
     """Questions per agent batch (one Ray Data batch; every round of it is one engine call)."""
     concurrency: int = 1
-    """Agent actors in the Ray Data actor pool."""
+    """Agent actors in the Ray Data actor pool (never more than there are batches: an idle actor costs a start-up)."""
     seed: int = 0
 
 
@@ -199,7 +199,7 @@ def run_estep(
             fn_constructor_args=sampler_args,
             batch_size=estep.batch_size,
             batch_format="pyarrow",
-            concurrency=estep.concurrency,
+            concurrency=min(estep.concurrency, -(-len(todo) // estep.batch_size)),
             num_cpus=0.1,  # the sampler mostly waits on engine and retriever actors
         )
         buffered: dict[int, list[pa.Table]] = {i: [] for i in pending}
