@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+WORKER_NICENESS = "0"
+"""Ray starts its workers at nice 15 (its `worker_niceness` default) while the in-process baselines run in the driver
+at nice 0: with any other job on the machine, every actor-side figure then got a small share of the CPU and the
+baseline a full one (measured: Ray actors at nice 15 beside another job's nice-0 training). The suite's Ray session
+runs its workers at the driver's niceness, so other load hits both sides alike."""
 
 
 def median(values: Sequence[float]) -> float:
@@ -183,6 +188,8 @@ def report(results: dict[str, Result], *, load_before: str, load_after: str, com
     lines += [f"- command: `{command}`" + (" (`--quick`: small sizes)" if quick else ""),
               f"- machine: {machine()}, no GPU",
               f"- load average (1, 5, 15 min) before: {load_before}; after: {load_after}",
+              f"- Ray workers at nice {os.environ.get('RAY_worker_niceness', '15 (Ray default)')}, the driver (in-process "
+              f"baselines) at nice {os.nice(0)}",
               f"- wall time: {seconds / 60:.1f} min", "",
               "ToolSeek and baseline are medians over interleaved repeats (A, B, A, B, ...); ratio = median of the "
               "per-repeat ToolSeek / baseline ratios; spread = half their range relative to the median. For "
@@ -199,7 +206,8 @@ def report(results: dict[str, Result], *, load_before: str, load_after: str, com
 
 
 def ensure_ray() -> None:
-    """The suite's own local Ray session (idempotent): 2 CPUs, no dashboard, no Ray Data progress bars.
+    """The suite's own local Ray session (idempotent): 2 CPUs, no dashboard, no Ray Data progress bars, workers at
+    the driver's niceness (WORKER_NICENESS).
 
     `address="local"`: a plain ray.init() joins any cluster that another job on this machine started with `ray start`,
     and then refuses num_cpus; a benchmark must measure its own cluster, so it starts one explicitly and `connect`
@@ -213,6 +221,7 @@ def ensure_ray() -> None:
     cluster = ClusterConfig(num_cpus=2, include_dashboard=False)
     cluster.env_vars["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_worker_niceness", WORKER_NICENESS)  # read by the raylet this ray.init starts
         for name, value in cluster.env_vars.items():
             os.environ.setdefault(name, value)
         ray.init(address="local", num_cpus=cluster.num_cpus, include_dashboard=False, namespace=cluster.namespace,
