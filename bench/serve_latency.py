@@ -5,7 +5,7 @@ Baseline: `LLMEngineCore` in this process (its own micro-batching, no Ray, no HT
 (rendered and tokenized exactly as the server does) with the same sampling, at the same concurrency. Served: the
 application `pipelines.serve` deploys on a local Ray cluster, called over HTTP with bearer keys on 127.0.0.1.
 Figures: p50 / p99 latency per request and requests per second, and the ratios served / direct (latency above 1 and
-throughput below 1 are the serving overhead). Errors must be zero: the script exits 1 otherwise.
+throughput below 1 are the serving overhead). Errors must be zero: the script exits 1 otherwise. The sides alternate per concurrency (direct, served).
 
     python bench/serve_latency.py [--requests 200] [--concurrency 1 4 16] [--max-tokens 16]
 """
@@ -64,14 +64,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def measure(args: argparse.Namespace):
-    """(direct, served, model config): per concurrency, p50 / p99 seconds, requests/s and errors of each side."""
+def measure(args: argparse.Namespace, repeats: int = 1):
+    """(direct, served, model config): per concurrency, one dict per repeat of p50 / p99 seconds, requests/s and
+    errors. The Serve app is started first; then each repeat runs, per concurrency, the direct side and then the
+    served side, so drift in the machine's load hits both alike."""
     import httpx
     import torch
     from ray import serve
 
     from actors.config import EngineConfig
-    from actors.llm import LLMEngineCore
+    from actors.llm import LLMEngineCore, Sampling
     from actors.models import load_causal_lm
     from cluster.config import ClusterConfig
     from cluster.connect import connect
@@ -90,11 +92,9 @@ def measure(args: argparse.Namespace):
     # ---- direct: the engine in this process, same prompts and sampling as the server builds --------------------------
     engine_cfg = EngineConfig(max_model_len=1024)
     plans = [prepare_chat(ChatRequest(**b), tokenizer, ChatLimits("toolseek-policy", 1024)) for b in bodies]
-    direct: dict[int, dict] = {}
 
     async def run_direct(concurrency: int) -> dict:
         core = LLMEngineCore(policy, engine_cfg)
-        from actors.llm import Sampling
 
         async def send(i: int):
             plan = plans[i % len(plans)]
@@ -102,9 +102,6 @@ def measure(args: argparse.Namespace):
 
         await drive(send, min(16, args.requests), concurrency)  # warm-up
         return await drive(send, args.requests, concurrency)
-
-    for concurrency in args.concurrency:
-        direct[concurrency] = asyncio.run(run_direct(concurrency))
 
     # ---- served: the Serve app on loopback -----------------------------------------------------------------------
     os.environ["TOOLSEEK_API_KEYS"] = KEY
@@ -116,7 +113,6 @@ def measure(args: argparse.Namespace):
                           "serve.rate_limit_per_minute=0", f"output_dir={work / 'serve'}",
                           "engine.max_model_len=1024", f"serve.access_log={args.access_log}"])  # fmt: skip
     url = start(cfg)
-    served: dict[int, dict] = {}
 
     async def run_served(concurrency: int) -> dict:
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -131,9 +127,13 @@ def measure(args: argparse.Namespace):
             await drive(send, min(16, args.requests), concurrency)  # warm-up
             return await drive(send, args.requests, concurrency)
 
+    direct: dict[int, list[dict]] = {c: [] for c in args.concurrency}
+    served: dict[int, list[dict]] = {c: [] for c in args.concurrency}
     try:
-        for concurrency in args.concurrency:
-            served[concurrency] = asyncio.run(run_served(concurrency))
+        for _ in range(repeats):
+            for concurrency in args.concurrency:
+                direct[concurrency].append(asyncio.run(run_direct(concurrency)))
+                served[concurrency].append(asyncio.run(run_served(concurrency)))
     finally:
         serve.shutdown()
     return direct, served, model_cfg
@@ -141,7 +141,9 @@ def measure(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    direct, served, model_cfg = measure(args)
+    runs_direct, runs_served, model_cfg = measure(args)
+    direct = {c: runs[0] for c, runs in runs_direct.items()}
+    served = {c: runs[0] for c, runs in runs_served.items()}
     print(f"\n{args.requests} chat requests per row, max_tokens={args.max_tokens}, greedy, tiny policy "
           f"({model_cfg.hidden_size}d x {model_cfg.num_layers} layers), 2 CPUs, loopback\n")
     print("| concurrency | served p50 ms | served p99 ms | served req/s | direct p50 ms | direct p99 ms | direct req/s "
