@@ -29,6 +29,10 @@ class ModelConfig:
     vocab_size: int = 1024
     max_token_chars: int = 4
     """Longest BPE piece: keeps names split into syllable-sized pieces that all occur in training."""
+    whole_syllables: bool = True
+    """Keep the synthetic world's name syllables whole in the built BPE (no merge crosses them), so a name the model
+    never saw is a sequence of tokens it saw thousands of times: what lets a tiny model copy it (see
+    `train_bpe_tokenizer`)."""
     added_tokens: list[str] = field(default_factory=lambda: [
         f"<{slash}{tag}>" for tag in ("think", "search", "record", "answer", "documents") for slash in ("", "/")
     ])

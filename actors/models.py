@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -27,17 +28,31 @@ CHAT_TEMPLATE = (
 _FAMILIES = ("llama", "qwen2")
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1024, max_token_chars: int = 4, added_tokens=()):
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1024, max_token_chars: int = 4, added_tokens=(),
+                        whole_pieces: Iterable[str] = ()):
     """A byte-level BPE trained on `texts`, with pieces of at most `max_token_chars` characters.
 
     Why short pieces: a tiny model can only copy an unseen entity name if every piece of it was seen in training
     (measured: one-token names gave 0% held-out EM, names from ~16 shared syllable pieces 100%).
+
+    `whole_pieces` (e.g. the synthetic world's name syllables) are split out of the text before BPE, each with its
+    leading space and in lower and capitalised form, so no merge crosses them: every name is then a sequence of a few
+    tokens that occur thousands of times. Measured on the first search of 200 held-out questions (tiny Llama, 1,000+
+    steps): with ordinary merges ("Lofa" -> "L", "ofa") 0-2% exact; with syllables kept whole 12%, and 48% when the
+    demonstrations also carry many different names.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token=None))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    forms = sorted({form for piece in whole_pieces for form in (piece.lower(), piece.capitalize())}, key=len,
+                   reverse=True)  # longest first: the regex takes the first alternative that matches
+    if forms:
+        pattern = Regex(" ?(?:" + "|".join(re.escape(form) for form in forms) + ")")
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(pattern, "isolated"), byte_level])
+    else:
+        tokenizer.pre_tokenizer = byte_level
     tokenizer.decoder = decoders.ByteLevel()
     special = [PAD, BOS, EOS, UNK, *ROLE_TOKENS]
     trainer = trainers.BpeTrainer(
@@ -159,10 +174,12 @@ def load_embedder(path: str | os.PathLike | None = None, device: str = "cpu", ma
     return model
 
 
-def ensure_policy(cfg: ModelConfig, texts: Callable[[], Iterable[str]], out_dir: str | os.PathLike) -> Path:
+def ensure_policy(cfg: ModelConfig, texts: Callable[[], Iterable[str]], out_dir: str | os.PathLike,
+                  whole_pieces: Iterable[str] = ()) -> Path:
     """The policy's folder: `cfg.path` when given, else a tiny model built once in `out_dir` (reused on reruns).
 
-    `texts` is only called when a BPE tokenizer must be trained, so a run on a real model never reads the corpus.
+    `texts` is only called when a BPE tokenizer must be trained, so a run on a real model never reads the corpus;
+    `whole_pieces` (the corpus's name syllables) are kept whole by that BPE when `cfg.whole_syllables` is set.
     """
     if cfg.path:
         return check_model_dir(cfg.path)
@@ -170,7 +187,8 @@ def ensure_policy(cfg: ModelConfig, texts: Callable[[], Iterable[str]], out_dir:
     if (out / "config.json").is_file():
         return out
     if cfg.tokenizer == "bpe":
-        tokenizer = train_bpe_tokenizer(texts(), cfg.vocab_size, cfg.max_token_chars, cfg.added_tokens)
+        pieces = whole_pieces if cfg.whole_syllables else ()
+        tokenizer = train_bpe_tokenizer(texts(), cfg.vocab_size, cfg.max_token_chars, cfg.added_tokens, pieces)
     elif cfg.tokenizer == "minilm":
         tokenizer = minilm_tokenizer(cfg.added_tokens)
     else:

@@ -272,9 +272,10 @@ def _write_rows(rows: list[dict], path: Path) -> None:
 def configured_policy(cfg: DictConfig, out: Path) -> Path:
     """`model.path`, or the tiny model built from the config (its tokenizer trained on the synthetic world)."""
     from actors.models import ensure_policy
-    from pipelines.data.world import build_world
+    from pipelines.data.world import SYLLABLES, build_world
 
-    return ensure_policy(cfg.model, lambda: build_world(OmegaConf.to_object(cfg.data.world)).texts(), out / "policy")
+    return ensure_policy(cfg.model, lambda: build_world(OmegaConf.to_object(cfg.data.world)).texts(), out / "policy",
+                         SYLLABLES)
 
 
 def run_toolcall(cfg: DictConfig, out: Path) -> dict:

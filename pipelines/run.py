@@ -19,7 +19,7 @@ from actors.models import ensure_policy
 from pipelines import config as _config  # noqa: F401  (registers the schema with Hydra)
 from pipelines.data.export import export_world, world_folders
 from pipelines.data.stats import token_stats
-from pipelines.data.world import WorldConfig, build_world
+from pipelines.data.world import SYLLABLES, WorldConfig, build_world
 from pipelines.jobs import start_job
 from pipelines.report import markdown_table, write_table
 
@@ -71,7 +71,7 @@ def prepare(cfg: DictConfig, out) -> dict:
     counts = export_world(world, data_root, OmegaConf.to_container(cfg.data.world, resolve=True))
     print(f"[prepare] world written to {data_root} in {time.perf_counter() - started:.1f}s", flush=True)
 
-    policy = ensure_policy(cfg.model, world.texts, out / "policy")
+    policy = ensure_policy(cfg.model, world.texts, out / "policy", SYLLABLES)
     print(f"[prepare] policy model at {policy}", flush=True)
 
     kinds = {"documents": "document", "tools": None}

@@ -238,7 +238,9 @@ def warm_start(cfg: DictConfig, world: Any, retriever: Any, out: Path) -> Path:
     folder = out / "warm_start"
     if (folder / "config.json").is_file():
         return folder
-    policy = ensure_policy(cfg.model, world.texts, out / "policy")
+    from pipelines.data.world import SYLLABLES
+
+    policy = ensure_policy(cfg.model, world.texts, out / "policy", SYLLABLES)
     tokenizer = AutoTokenizer.from_pretrained(policy, local_files_only=True)
     questions = world.questions("train")[: study.warm_start_questions]
     agent_cfg = ExSearchConfig(**OmegaConf.to_container(cfg.recipe.agent, resolve=True))

@@ -134,6 +134,10 @@ def example_from_row(row: dict, index: int, objective: str) -> Example | PairExa
     return Example(prompt + tokens, head + mask, weight)
 
 
+def _length(row: Example | PairExample) -> int:
+    return len(row.input_ids) if isinstance(row, Example) else len(row.chosen.input_ids) + len(row.rejected.input_ids)
+
+
 def _pad(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -258,6 +262,8 @@ class PolicyTrainer:
         started = time.perf_counter()
         s = self.settings
         rows = [self.examples[i] for i in self.my_rows(self.step_index)]
+        # Micro-batches of similar lengths pad less; the loss divides by the global denominator, so order is free.
+        rows.sort(key=_length)
         denominator = self._denominator(rows)
         chunks = [rows[i : i + s.micro_batch_size] for i in range(0, len(rows), s.micro_batch_size)]
         total_loss, tokens = 0.0, 0

@@ -39,6 +39,28 @@ def test_bpe_pieces_are_short_and_cover_unseen_names(bpe):
     assert bpe.decode(ids) == unseen  # byte-level: exact round trip
 
 
+def _boundaries(tokenizer, text: str) -> set[int]:
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return {end for _, end in encoded["offset_mapping"]}
+
+
+def test_whole_pieces_are_never_merged_across():
+    from pipelines.data.world import SYLLABLES, WorldConfig, build_world
+
+    world = build_world(WorldConfig(people_per_split=20, companies_per_split=10, cities_per_split=8,
+                                    train_questions=30, dev_questions=10, test_questions=10))
+    plain = train_bpe_tokenizer(world.texts(), vocab_size=1024, max_token_chars=4)
+    whole = train_bpe_tokenizer(world.texts(), vocab_size=1024, max_token_chars=4, whole_pieces=SYLLABLES)
+    # unseen names built from the world's syllables, and where each syllable ends
+    text = "Who founded Lofa Sathal? Venkel Tormi was born in Kazo."
+    syllable_ends = {12 + 2, 12 + 4, 17 + 2, 17 + 6, 25 + 3, 25 + 6, 32 + 3, 32 + 5, 50 + 2, 50 + 4}
+    assert syllable_ends <= _boundaries(whole, text)  # every syllable ends at a token boundary: no merge crosses
+    assert not syllable_ends <= _boundaries(plain, text)  # ordinary BPE merges across them ("L" + "ofa")
+    ids = whole(text, add_special_tokens=False)["input_ids"]
+    assert whole.decode(ids) == text  # still an exact byte-level round trip
+    assert [whole.decode([i]) for i in whole(" Sathal", add_special_tokens=False)["input_ids"]] == [" Sa", "thal"]
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_built_model_loads_and_generates_greedily(tmp_path, bpe, family):
     cfg = ModelConfig(family=family, hidden_size=64, num_layers=1, num_attention_heads=2, num_key_value_heads=2,
