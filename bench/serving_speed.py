@@ -11,19 +11,21 @@ from bench.suite import Curve, Figure, Result, Target, ensure_ray, median
 TARGET_P50_RATIO = 1.15
 
 PROFILE = (
-    "where the time goes (per-process CPU seconds and py-spy at 50 Hz, 200-300 requests at concurrency 16, "
-    "2026-11-25, another job using ~1 of the 2 cores): the direct engine call costs ~2.3 ms CPU per request at "
-    "concurrency 16 (batches of 16); served, a request cost ~29 ms CPU across four processes before the fix - LLM "
-    "replica 17 ms (engine batches of 1.3 requests), ingress ~9 ms, Serve's HTTP proxy ~6 ms, the client 2 ms. In "
-    "the ingress our code (auth, chat template, tokenizing, response) is ~10% of its samples; the rest is Ray "
-    "Serve's ASGI bridge, its router thread and actor calls. Fixed: @serve.batch held one batch at a time, so "
-    "batches cut every 5 ms queued behind each other and the engine never saw more than one or two requests; the "
-    "LLM replica now hands up to 4 batches to its engine at once and LLMEngineCore merges them (3.2 requests per "
-    "engine batch at concurrency 16, LLM replica CPU per request 17 -> 11.5 ms); no second 2 ms batch wait in the "
-    "engine; the key check no longer hops to a thread pool. Left: the HTTP proxy and ingress hops are Ray Serve's "
-    "own cost (~15 ms CPU per request here), which on 2 cores shared with the engine caps throughput and sets "
-    "the latency floor; at concurrency 1 @serve.batch also waits serve.batch_wait_ms (5 ms) for company that "
-    "never comes."
+    "where the time goes (per-process CPU seconds and py-spy at 50 Hz, 200-300 requests per concurrency, "
+    "2026-11-25, other jobs using about one of the 2 cores): a direct engine call costs ~2.3 ms CPU per request at "
+    "concurrency 16 (batches of 16) and ~14 ms at concurrency 1. Served at concurrency 16, before the fix a request "
+    "cost ~29 ms CPU across four processes: LLM replica 17 ms (the engine ran batches of 1.3 requests), ingress "
+    "~9 ms, Serve's HTTP proxy ~6 ms, the client 2 ms; at concurrency 1 (with py-spy attached) LLM replica 26 ms, "
+    "ingress 14 ms, proxy 10 ms. In the ingress our code (auth, chat template, tokenizing, response) is ~10% of its "
+    "samples; the rest is Ray Serve's ASGI bridge, its router thread and actor calls. Fixed: (1) @serve.batch held "
+    "one batch at a time, so batches cut every 5 ms queued behind each other and the engine never saw more than one "
+    "or two requests; the LLM replica now hands up to 4 batches to its engine at once and LLMEngineCore merges them "
+    "(3.2 requests per engine batch at concurrency 16, replica CPU per request 17 -> 11.5 ms); (2) a request that "
+    "finds the replica idle skips @serve.batch's 5 ms wait for company (p50 at concurrency 1: 55 -> 44 ms and "
+    "38 -> 32 ms in two A/B pairs); (3) no second 2 ms batch wait in the engine; (4) the key check no longer hops "
+    "to a thread pool. Left: the HTTP proxy -> ingress -> LLM replica hops are Ray Serve's own cost (~15-25 ms CPU "
+    "per request here), which on 2 cores shared with the engine and other jobs sets the latency floor and caps "
+    "throughput; not ours to remove without dropping Serve's proxy or the separate ingress."
 )
 
 
