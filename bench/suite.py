@@ -189,7 +189,8 @@ def report(results: dict[str, Result], *, load_before: str, load_after: str, com
               f"- machine: {machine()}, no GPU",
               f"- load average (1, 5, 15 min) before: {load_before}; after: {load_after}",
               f"- Ray workers at nice {os.environ.get('RAY_worker_niceness', '15 (Ray default)')}, the driver (in-process "
-              f"baselines) at nice {os.nice(0)}",
+              f"baselines) at nice {os.nice(0)}: at Ray's default of 15, any other job's load takes CPU from the "
+              "actor side of a figure and not from its in-process baseline",
               f"- wall time: {seconds / 60:.1f} min", "",
               "ToolSeek and baseline are medians over interleaved repeats (A, B, A, B, ...); ratio = median of the "
               "per-repeat ToolSeek / baseline ratios; spread = half their range relative to the median. For "
