@@ -137,17 +137,15 @@ def bare_rate(sampler, bench: Bench) -> Rate:
 
 
 def pipeline_rate(bench: Bench, engines: list, retriever, samples: int, out: Path, concurrency: int = 1) -> Rate:
-    """One E-step run into a fresh `out` (`run_estep` with the ExSearch sampler, timed per batch)."""
-    from dataclasses import asdict
-
+    """One E-step run into a fresh `out` (what `run_exsearch_estep` does, with the sampler timed per batch)."""
     from pipelines import records
-    from pipelines.generate import run_estep
+    from pipelines.generate import exsearch_sampler_args, run_estep
 
     estep = estep_config(samples, len(bench.questions), concurrency)
     stamps = out.with_name(out.name + ".stamps")
     began = time.time()
-    run_estep(bench.questions, out, TimedSampler,
-              (str(stamps), list(engines), retriever, str(bench.model), AGENT, asdict(estep)), estep)  # fmt: skip
+    sampler_args = (str(stamps), *exsearch_sampler_args(engines, retriever, bench.model, AGENT, estep))
+    run_estep(bench.questions, out, TimedSampler, sampler_args, estep)
     seconds = time.time() - began
     table = records.read_records(out, "weighted_sample")
     trained_tokens = sum(sum(m) for m in table.column("loss_mask").to_pylist())

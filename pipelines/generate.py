@@ -82,15 +82,16 @@ def check_example(row: dict) -> str | None:
 class ExSearchSampler:
     """A Ray Data actor UDF: one ExSearch agent over shared engine and retriever actors; batch in, weighted out."""
 
-    def __init__(self, engines: list, retriever: Any, model_path: str, agent: dict, estep: dict,
+    def __init__(self, engines: list, retriever: Any, tokenizer: Any, agent: dict, estep: dict,
                  timeout_s: float = 600.0):
-        from transformers import AutoTokenizer
-
+        """`tokenizer`: the policy's tokenizer object, loaded once by the caller (`exsearch_sampler_args`). Loading
+        it here meant `from transformers import AutoTokenizer`, which imports torch and sklearn: ~3-5 s of every
+        sampler actor's start-up on 2 cores, where unpickling the object takes under 1 s and imports neither."""
         from actors.llm import EnginePool
         from agents.exsearch import ExSearchAgent, ExSearchConfig
 
         self.pool = EnginePool(engines, timeout_s=timeout_s)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        self.tokenizer = tokenizer
         self.agent = ExSearchAgent(self.pool, retriever, self.tokenizer, ExSearchConfig(**agent))
         self.estep = EStepConfig(**estep)
 
@@ -160,7 +161,16 @@ def run_exsearch_estep(
     """Sample, score and weight K ExSearch trajectories per example; resumable by shard."""
     estep = estep or EStepConfig()
     return run_estep(examples, out_dir, ExSearchSampler,
-                     (list(engines), retriever, str(model_path), agent or {}, asdict(estep)), estep, config)
+                     exsearch_sampler_args(engines, retriever, model_path, agent or {}, estep), estep, config)
+
+
+def exsearch_sampler_args(engines: list, retriever: Any, model_path: str | os.PathLike, agent: dict,
+                          estep: EStepConfig) -> tuple:
+    """ExSearchSampler's constructor arguments, with the policy's tokenizer loaded here, once."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path), local_files_only=True)
+    return (list(engines), retriever, tokenizer, agent, asdict(estep))
 
 
 def run_estep(
