@@ -366,12 +366,21 @@ def _ray_all_reduce(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def quiet_report_log() -> None:
+    """Ray Train logs every report in full at INFO from the worker; ours carry a bundle of per-step metrics, which made
+    each report a screen-wide line in the job's log. Progress stays visible through the controller and metrics.csv."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """What each Ray Train worker runs: build the trainer, restore the last checkpoint if any, step, report."""
     import ray
     import ray.train
     import ray.train.torch
 
+    quiet_report_log()
     settings = TrainSettings(**config["settings"])
     torch.set_num_threads(max(1, settings.threads))
     context = ray.train.get_context()
@@ -418,6 +427,11 @@ def _metrics_callback(path: Path):
             rows = metrics[0].get("history", [])
             if not rows:
                 return
+            last = rows[-1]  # one progress line per report (Ray's own report log is silenced: quiet_report_log)
+            shown = [f"step {last['step']}", f"loss {last['loss']:.4f}", f"lr {last['lr']:.2e}"]
+            if "tokens_per_s" in last:
+                shown.append(f"{last['tokens_per_s']:.0f} tokens/s")
+            print(f"[train {path.stem}] " + " ".join(shown), flush=True)
             nodes = len({m.get("node_id") for m in metrics})  # how many nodes the worker group spans
             rows = [{**row, "nodes": nodes} for row in rows]
             columns = list(dict.fromkeys(key for row in rows for key in row))

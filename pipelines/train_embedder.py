@@ -207,8 +207,9 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipelines.train import _ray_all_reduce
+    from pipelines.train import _ray_all_reduce, quiet_report_log
 
+    quiet_report_log()
     settings = EmbedderSettings(**config["settings"])
     torch.set_num_threads(max(1, settings.threads))
     context = ray.train.get_context()

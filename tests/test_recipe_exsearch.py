@@ -20,7 +20,8 @@ TOY = [
     "model.num_key_value_heads=2",
     "retriever=bm25", "engine.num_cpus=0.5",
     "recipe.iterations=1", "recipe.variants=[importance,rejection]", "recipe.warm_start_questions=12",
-    "recipe.warm_start_steps=10", "recipe.estep_questions=8", "recipe.dev_questions=4", "recipe.eval_questions=6",
+    "recipe.warm_start_steps=10", "recipe.warm_start_worlds=1", "recipe.warm_start_world_questions=10",
+    "recipe.estep_questions=8", "recipe.dev_questions=4", "recipe.eval_questions=6",
     "recipe.estep.samples_per_question=2", "recipe.estep.shard_size=4", "recipe.estep.batch_size=4",
     "recipe.agent.max_steps=2", "recipe.agent.max_tokens_per_turn=12",
     "trainer.batch_size=4", "trainer.micro_batch_size=4",
@@ -53,6 +54,9 @@ def test_exsearch_recipe_runs_end_to_end_and_resumes(ray_cluster, tmp_path):
     assert all(0.0 <= float(r["em"]) <= 1.0 for r in rows)
     assert (tmp_path / "curve_em.png").stat().st_size > 1000 and (tmp_path / "results.md").is_file()
     assert (tmp_path / "iter-01-importance" / "estep" / "manifest.json").is_file()
+    with open(tmp_path / "iter-01-importance" / "mstep_metrics.csv") as handle:
+        first = next(csv.DictReader(handle))
+    assert float(first["lr"]) == pytest.approx(cfg.recipe.mstep_lr)  # the M-step runs at recipe.mstep_lr
     demos = tmp_path / "iter-00-warm-start" / "demonstrations"
     from pipelines import records
 

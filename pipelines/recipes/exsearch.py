@@ -163,7 +163,8 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
                                              asdict(agent_cfg), estep, config={"variant": variant, "iteration": iteration})
                 table = mstep_rows(records.read_records(folder / "estep", "weighted_sample"), variant)
                 objective = "weighted_nll" if variant == "importance" else "sft"
-                settings = TrainSettings.from_config(cfg.trainer, current["checkpoint"], objective=objective)
+                settings = TrainSettings.from_config(cfg.trainer, current["checkpoint"], objective=objective,
+                                                     lr=recipe.mstep_lr)
                 print(f"[{variant} {iteration}] E-step: {summary.samples} samples, correct {summary.correct_rate:.1%}; "
                       f"M-step ({objective}) on {table.num_rows} rows", flush=True)
                 if table.num_rows >= settings.batch_size:
