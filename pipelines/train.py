@@ -428,9 +428,8 @@ def _metrics_callback(path: Path):
             if not rows:
                 return
             last = rows[-1]  # one progress line per report (Ray's own report log is silenced: quiet_report_log)
-            shown = [f"step {last['step']}", f"loss {last['loss']:.4f}", f"lr {last['lr']:.2e}"]
-            if "tokens_per_s" in last:
-                shown.append(f"{last['tokens_per_s']:.0f} tokens/s")
+            shown = [f"{key} {last[key]:{form}}" for key, form in (("step", ".0f"), ("loss", ".4f"), ("lr", ".2e"),
+                                                                    ("tokens_per_s", ".0f")) if key in last]
             print(f"[train {path.stem}] " + " ".join(shown), flush=True)
             nodes = len({m.get("node_id") for m in metrics})  # how many nodes the worker group spans
             rows = [{**row, "nodes": nodes} for row in rows]

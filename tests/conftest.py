@@ -48,12 +48,11 @@ def tiny_policy(tmp_path_factory):
     """A small Llama (random init) with a BPE trained on a small synthetic world: the model every engine test uses."""
     from actors.config import ModelConfig
     from actors.models import build_causal_lm, train_bpe_tokenizer
-    from pipelines.data.world import SYLLABLES, WorldConfig, build_world
+    from pipelines.data.world import WorldConfig, build_world
 
     world = build_world(WorldConfig(people_per_split=20, companies_per_split=10, cities_per_split=8,
                                     train_questions=30, dev_questions=10, test_questions=10))
-    tokenizer = train_bpe_tokenizer(world.texts(), vocab_size=400, added_tokens=ModelConfig().added_tokens,
-                                    whole_pieces=SYLLABLES)
+    tokenizer = train_bpe_tokenizer(world.texts(), vocab_size=400, added_tokens=ModelConfig().added_tokens)
     cfg = ModelConfig(hidden_size=64, num_layers=2, num_attention_heads=2, num_key_value_heads=2,
                       intermediate_size=128, max_position_embeddings=512, seed=1)
     return build_causal_lm(cfg, tokenizer, tmp_path_factory.mktemp("tiny_policy"))
