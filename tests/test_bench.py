@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,12 @@ def test_report_records_load_and_flags_a_busy_machine():
     idle = report(results, load_before="0.00, 0.00, 0.00", load_after="0.00, 0.00, 0.00", command="c", quick=False,
                   plot_name=None, seconds=1)  # fmt: skip
     assert "idle machine" not in idle and "scaling curves" not in idle
+    cores = os.cpu_count() or 1  # after the run, the suite's own actors may fill the cores: only well above is others'
+    own = report(results, load_before="0.10, 0.10, 0.10", load_after=f"{1.2 * cores:.2f}, 1.00, 1.00", command="c",
+                 quick=False, plot_name=None, seconds=1)  # fmt: skip
+    crowded = report(results, load_before="0.10, 0.10, 0.10", load_after=f"{2 * cores:.2f}, 1.00, 1.00", command="c",
+                     quick=False, plot_name=None, seconds=1)  # fmt: skip
+    assert "idle machine" not in own and "idle machine" in crowded
 
 
 def test_curve_ideal_is_linear_from_the_first_point(tmp_path):
