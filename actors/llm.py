@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -539,36 +541,88 @@ def start_engines(model_path: str | os.PathLike, cfg: Any, dtype: str = "float32
 
 
 class EnginePool:
-    """Spreads a request's prompts over several engine actors and waits with a timeout (never forever)."""
+    """Routes each request to the engine actor with the fewest of this pool's requests in flight, and waits with a
+    timeout (never forever).
+
+    Why whole requests: an engine's batch costs mostly per decoding step, not per row (HF generate on the tiny policy:
+    0.055 s for 8 rows, 0.086 s for 16), so cutting every request in two over 2 engines gains at most ~1.56x, while
+    concurrent callers (sampler threads, Serve replicas, agent loops) each given their own engine gain up to 2x. A
+    request is still split, over the engines that have nothing in flight, when it is big enough
+    (`split_min_rows` rows per part) and its answer cannot depend on the split: a lone caller's big batch then uses
+    every idle engine. Seeded sampling never splits: the engine seeds each call it gets, so a split request's samples
+    would depend on how many engines the pool has and how busy they were; whole, they depend on the seed alone.
+
+    The counts are this pool's: pools in other processes (one per Ray Data sampler actor) are not seen, so each pool
+    starts its round-robin tie-break at a random engine rather than all of them piling onto the first. Callers may
+    share one pool from several threads: the bookkeeping is under a lock, and a request's count is released however
+    its call ends (result, error, timeout).
+    """
+
+    split_min_rows = 4
+    """Fewest rows (prompts x samples) per part worth a separate engine call: splitting 2 rows gains ~1.1x by the
+    costs above, less than the extra Ray call and the second engine's CPU cost on a small node."""
 
     def __init__(self, engines: Sequence, timeout_s: float = 300.0):
         if not engines:
             raise ValueError("an EnginePool needs at least one engine")
         self.engines = list(engines)
         self.timeout_s = timeout_s
+        self._in_flight = [0] * len(self.engines)
+        self._lock = threading.Lock()
+        self._next = random.randrange(len(self.engines))
 
-    def _split(self, items: Sequence) -> list[tuple[Any, Sequence]]:
-        share = -(-len(items) // len(self.engines))
-        return [(engine, items[i * share : (i + 1) * share]) for i, engine in enumerate(self.engines)
-                if items[i * share : (i + 1) * share]]
+    @property
+    def in_flight(self) -> list[int]:
+        """Requests (or parts of split ones) this pool has in flight on each engine."""
+        with self._lock:
+            return list(self._in_flight)
 
-    def _gather(self, method: str, items: Sequence, *args) -> list:
-        parts = self._split(items)
-        refs = [getattr(engine, method).remote(chunk, *args) for engine, chunk in parts]
+    def _route(self, count: int, rows: int, splittable: bool) -> list[tuple[int, slice]]:
+        """Which engine answers which items; the chosen engines' counts are taken before the lock is released."""
+        with self._lock:
+            engines = len(self.engines)
+            order = [(self._next + i) % engines for i in range(engines)]
+            self._next = (self._next + 1) % engines
+            idle = [e for e in order if self._in_flight[e] == 0]
+            parts = min(len(idle), count, rows // self.split_min_rows) if splittable else 1
+            if parts > 1:
+                share = -(-count // parts)
+                route = [(e, slice(i * share, (i + 1) * share)) for i, e in enumerate(idle[:parts]) if i * share < count]
+            else:
+                route = [(min(order, key=lambda e: self._in_flight[e]), slice(0, count))]
+            for engine, _ in route:
+                self._in_flight[engine] += 1
+            return route
+
+    def _gather(self, method: str, items: list, rows: int, splittable: bool, *args) -> list:
+        if not items:
+            return []
+        route = self._route(len(items), rows, splittable)
         try:
-            results = ray.get(refs, timeout=self.timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"{method} of {len(items)} request(s) took longer than {self.timeout_s}s") from None
+            refs = [getattr(self.engines[e], method).remote(items[part], *args) for e, part in route]
+            try:
+                results = ray.get(refs, timeout=self.timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise TimeoutError(f"{method} of {len(items)} request(s) took longer than {self.timeout_s}s") from None
+        finally:
+            with self._lock:
+                for engine, _ in route:
+                    self._in_flight[engine] -= 1
         return [item for part in results for item in part]
 
     def generate(self, prompts: Sequence[Prompt], sampling: Sampling | dict | None = None) -> list[Generation]:
-        return self._gather("generate", list(prompts), sampling)
+        checked = _as_sampling(sampling)
+        splittable = checked.greedy or checked.seed is None
+        prompts = list(prompts)
+        return self._gather("generate", prompts, len(prompts) * checked.n, splittable, sampling)
 
     def score(self, pairs: Sequence[TokenPair]) -> list[list[float]]:
-        return self._gather("score", list(pairs))
+        pairs = list(pairs)
+        return self._gather("score", pairs, len(pairs), True)
 
     def top_alternatives(self, pairs: Sequence[TokenPair], k: int = 5) -> list[list[list[tuple[int, float]]]]:
-        return self._gather("top_alternatives", list(pairs), k)
+        pairs = list(pairs)
+        return self._gather("top_alternatives", pairs, len(pairs), True, k)
 
     def reload(self, checkpoint_dir: str | os.PathLike) -> None:
         ray.get([engine.reload.remote(str(checkpoint_dir)) for engine in self.engines], timeout=self.timeout_s)

@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{r.seconds:8.1f} {r.startup_s:8.1f}")
     print(f"\nsteady state: pipeline (1 engine) / bare = "
           f"{figures[1].steady_samples_per_s / bare.steady_samples_per_s:.2f} (target >= 0.9); 2 engines / 1 = "
-          f"{figures[2].steady_samples_per_s / figures[1].steady_samples_per_s:.2f} (target >= 1.8)")
+          f"{figures[2].steady_samples_per_s / figures[1].steady_samples_per_s:.2f} (the 1.8x target is on the engine "
+          "pool's own figure: python -m bench generation)")
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import ray
@@ -134,23 +136,76 @@ def test_bad_requests_name_the_request_and_field(engine):
     assert run(engine.generate(["x"], Sampling(max_tokens=2)))[0].completions
 
 
-def test_actor_pool_spreads_prompts_and_keeps_order(ray_cluster, tiny_policy):
-    cfg = EngineConfig(num_actors=2, num_cpus=0.5, max_model_len=512)
-    engines = start_engines(tiny_policy, cfg)
-    try:
-        pool = EnginePool(engines, timeout_s=120)
-        prompts = [f"{p} {i}" for i in range(3) for p in PROMPTS]
-        pooled = pool.generate(prompts, Sampling(temperature=0, max_tokens=6))
-        direct = run(LLMEngineCore(tiny_policy, EngineConfig(max_model_len=512)).generate(
-            prompts, Sampling(temperature=0, max_tokens=6)))
-        assert [g.completions[0].token_ids for g in pooled] == [g.completions[0].token_ids for g in direct]
-        infos = ray.get([e.info.remote() for e in engines])
-        assert all(info["batches_run"] >= 1 for info in infos)  # both engines did work
-        scores = pool.score([(g.prompt_ids, g.completions[0].token_ids) for g in pooled])
-        assert len(scores) == len(prompts)
-        slow = EnginePool(engines, timeout_s=0.001)
-        with pytest.raises(TimeoutError, match="took longer than"):
-            slow.generate(prompts * 8, Sampling(temperature=1.0, max_tokens=200))
-    finally:
-        for engine in engines:
-            ray.kill(engine)
+@pytest.fixture(scope="module")
+def two_engines(ray_cluster, tiny_policy):
+    engines = start_engines(tiny_policy, EngineConfig(num_actors=2, num_cpus=0.5, max_model_len=512))
+    yield engines
+    for engine in engines:
+        ray.kill(engine)
+
+
+def batches_run(engines) -> list[int]:
+    return [info["batches_run"] for info in ray.get([e.info.remote() for e in engines])]
+
+
+def test_pool_splits_a_lone_big_request_and_keeps_order(two_engines, tiny_policy):
+    pool = EnginePool(two_engines, timeout_s=120)
+    prompts = [f"{p} {i}" for i in range(3) for p in PROMPTS]
+    before = batches_run(two_engines)
+    pooled = pool.generate(prompts, Sampling(temperature=0, max_tokens=6))
+    direct = run(LLMEngineCore(tiny_policy, EngineConfig(max_model_len=512)).generate(
+        prompts, Sampling(temperature=0, max_tokens=6)))
+    assert [g.completions[0].token_ids for g in pooled] == [g.completions[0].token_ids for g in direct]
+    assert all(after > b for after, b in zip(batches_run(two_engines), before, strict=True))  # both engines did work
+    scores = pool.score([(g.prompt_ids, g.completions[0].token_ids) for g in pooled])
+    assert len(scores) == len(prompts)
+    assert pool.in_flight == [0, 0]
+
+
+def test_pool_sends_a_concurrent_request_to_the_idle_engine(two_engines):
+    """While one request is in flight on an engine, the next goes whole to the other one."""
+    pool = EnginePool(two_engines, timeout_s=120)
+    before = batches_run(two_engines)
+    long_sampling = Sampling(n=4, temperature=1.0, max_tokens=150, seed=1)  # seeded: whole, one batch
+    with ThreadPoolExecutor(max_workers=1) as threads:
+        long = threads.submit(pool.generate, PROMPTS * 4, long_sampling)
+        while sum(pool.in_flight) == 0 and not long.done():
+            time.sleep(0.001)
+        busy = pool.in_flight
+        short = pool.generate(PROMPTS, Sampling(temperature=1.0, max_tokens=2, seed=2))
+        assert not long.done(), "the long request ended before the short one was routed; make it longer"
+        long.result()
+    assert sorted(busy) == [0, 1]
+    assert [after - b for after, b in zip(batches_run(two_engines), before, strict=True)] == [1, 1]
+    assert len(short) == len(PROMPTS) and pool.in_flight == [0, 0]
+
+
+def test_pool_serves_threads_at_once_in_request_order(two_engines, tiny_policy):
+    pool = EnginePool(two_engines, timeout_s=120)
+    core = LLMEngineCore(tiny_policy, EngineConfig(max_model_len=512))
+    requests = [[f"{p} {caller}" for p in PROMPTS] for caller in range(6)]
+    sampling = Sampling(temperature=1.0, max_tokens=8, seed=5)
+    before = batches_run(two_engines)
+    with ThreadPoolExecutor(max_workers=6) as threads:
+        pooled = list(threads.map(lambda prompts: pool.generate(prompts, sampling), requests))
+    spread = [after - b for after, b in zip(batches_run(two_engines), before, strict=True)]
+    assert all(count >= 1 for count in spread) and sum(spread) == len(requests)  # seeded: one batch per request
+    for prompts, got in zip(requests, pooled, strict=True):
+        # seeded requests are never split, so each caller gets what one engine alone samples for it
+        alone = run(core.generate(prompts, sampling))
+        assert [g.completions[0].token_ids for g in got] == [g.completions[0].token_ids for g in alone]
+    assert pool.in_flight == [0, 0]
+
+
+def test_pool_releases_engines_after_errors_and_timeouts(two_engines):
+    pool = EnginePool(two_engines, timeout_s=120)
+    with pytest.raises(EngineError, match="request 0: token id 99999 is outside the vocabulary"):
+        pool.score([([1, 2], [99999])] * 8)
+    with pytest.raises(EngineError, match="unknown sampling field"):
+        pool.generate(PROMPTS, {"temprature": 0.5})
+    assert pool.in_flight == [0, 0]
+    slow = EnginePool(two_engines, timeout_s=0.001)
+    with pytest.raises(TimeoutError, match=r"generate of 24 request\(s\) took longer than"):
+        slow.generate(PROMPTS * 8, Sampling(temperature=1.0, max_tokens=200))
+    assert slow.in_flight == [0, 0]
+    assert len(pool.generate(PROMPTS, Sampling(temperature=0, max_tokens=2))) == len(PROMPTS)  # still serving
