@@ -571,6 +571,10 @@ class EnginePool:
         self._lock = threading.Lock()
         self._next = random.randrange(len(self.engines))
 
+    def __reduce__(self):
+        """A pool sent to another process (a Ray task's argument) starts there with its own lock and counts."""
+        return EnginePool, (self.engines, self.timeout_s)
+
     @property
     def in_flight(self) -> list[int]:
         """Requests (or parts of split ones) this pool has in flight on each engine."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import pickle
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -209,3 +210,5 @@ def test_pool_releases_engines_after_errors_and_timeouts(two_engines):
         slow.generate(PROMPTS * 8, Sampling(temperature=1.0, max_tokens=200))
     assert slow.in_flight == [0, 0]
     assert len(pool.generate(PROMPTS, Sampling(temperature=0, max_tokens=2))) == len(PROMPTS)  # still serving
+    shipped = pickle.loads(pickle.dumps(pool))  # as a Ray task's argument: its own lock and counts
+    assert shipped.in_flight == [0, 0] and len(shipped.score([([1, 2], [3])])) == 1
