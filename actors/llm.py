@@ -541,16 +541,18 @@ def start_engines(model_path: str | os.PathLike, cfg: Any, dtype: str = "float32
 
 
 class EnginePool:
-    """Routes each request to the engine actor with the fewest of this pool's requests in flight, and waits with a
-    timeout (never forever).
+    """Sends each request whole to the engine actor with the fewest of this pool's requests in flight, or cuts it over
+    the engines that have none, and waits with a timeout (never forever).
 
-    Why whole requests: an engine's batch costs mostly per decoding step, not per row (HF generate on the tiny policy:
-    0.055 s for 8 rows, 0.086 s for 16), so cutting every request in two over 2 engines gains at most ~1.56x, while
-    concurrent callers (sampler threads, Serve replicas, agent loops) each given their own engine gain up to 2x. A
-    request is still split, over the engines that have nothing in flight, when it is big enough
-    (`split_min_rows` rows per part) and its answer cannot depend on the split: a lone caller's big batch then uses
-    every idle engine. Seeded sampling never splits: the engine seeds each call it gets, so a split request's samples
-    would depend on how many engines the pool has and how busy they were; whole, they depend on the seed alone.
+    An engine's batch costs mostly per decoding step, not per row (HF generate on the tiny policy: 0.055 s for 8 rows,
+    0.086 s for 16). So a lone caller's request is cut over every idle engine (it finishes up to ~1.56x sooner on 2),
+    but when other requests are in flight it goes whole to the least-busy engine: cutting every request of concurrent
+    callers halves each engine's batches and gains only ~1.1-1.3x on 2 engines, whole requests up to 2x. Requests
+    under 2 x `split_min_rows` rows are never cut.
+
+    The cut decides seeded samples (the engine seeds each call it gets). A lone caller's requests are always cut the
+    same way (over every engine, all idle), so its seeded samples repeat for a given number of engines; callers that
+    share one pool at once get cuts that depend on timing, so should not expect seeded samples to repeat.
 
     The counts are this pool's: pools in other processes (one per Ray Data sampler actor) are not seen, so each pool
     starts its round-robin tie-break at a random engine rather than all of them piling onto the first. Callers may
@@ -581,14 +583,14 @@ class EnginePool:
         with self._lock:
             return list(self._in_flight)
 
-    def _route(self, count: int, rows: int, splittable: bool) -> list[tuple[int, slice]]:
+    def _route(self, count: int, rows: int) -> list[tuple[int, slice]]:
         """Which engine answers which items; the chosen engines' counts are taken before the lock is released."""
         with self._lock:
             engines = len(self.engines)
             order = [(self._next + i) % engines for i in range(engines)]
             self._next = (self._next + 1) % engines
             idle = [e for e in order if self._in_flight[e] == 0]
-            parts = min(len(idle), count, rows // self.split_min_rows) if splittable else 1
+            parts = min(len(idle), count, rows // self.split_min_rows)
             if parts > 1:
                 share = -(-count // parts)
                 route = [(e, slice(i * share, (i + 1) * share)) for i, e in enumerate(idle[:parts]) if i * share < count]
@@ -598,10 +600,10 @@ class EnginePool:
                 self._in_flight[engine] += 1
             return route
 
-    def _gather(self, method: str, items: list, rows: int, splittable: bool, *args) -> list:
+    def _gather(self, method: str, items: list, rows: int, *args) -> list:
         if not items:
             return []
-        route = self._route(len(items), rows, splittable)
+        route = self._route(len(items), rows)
         try:
             refs = [getattr(self.engines[e], method).remote(items[part], *args) for e, part in route]
             try:
@@ -615,18 +617,16 @@ class EnginePool:
         return [item for part in results for item in part]
 
     def generate(self, prompts: Sequence[Prompt], sampling: Sampling | dict | None = None) -> list[Generation]:
-        checked = _as_sampling(sampling)
-        splittable = checked.greedy or checked.seed is None
         prompts = list(prompts)
-        return self._gather("generate", prompts, len(prompts) * checked.n, splittable, sampling)
+        return self._gather("generate", prompts, len(prompts) * _as_sampling(sampling).n, sampling)
 
     def score(self, pairs: Sequence[TokenPair]) -> list[list[float]]:
         pairs = list(pairs)
-        return self._gather("score", pairs, len(pairs), True)
+        return self._gather("score", pairs, len(pairs))
 
     def top_alternatives(self, pairs: Sequence[TokenPair], k: int = 5) -> list[list[list[tuple[int, float]]]]:
         pairs = list(pairs)
-        return self._gather("top_alternatives", pairs, len(pairs), True, k)
+        return self._gather("top_alternatives", pairs, len(pairs), k)
 
     def reload(self, checkpoint_dir: str | os.PathLike) -> None:
         ray.get([engine.reload.remote(str(checkpoint_dir)) for engine in self.engines], timeout=self.timeout_s)

@@ -33,20 +33,21 @@ PROFILE = (
 )
 
 TWO_ENGINES = (
-    "2 engines vs 1: EnginePool used to split each request over the engines, but HF generate on the tiny model costs "
-    "0.055 s for 8 rows vs 0.086 s for 16 (per-step overhead) and seeded requests from two samplers are not merged, "
-    "so the split gained at most ~1.56x. It now routes whole requests to the engine with the fewest of its requests "
-    "in flight (a lone big unseeded request is still split over idle engines). The target's figure is the engine "
-    "pool's own: 4 caller threads sharing one pool, E-step-shaped seeded requests, 1 vs 2 engines. Measured at load "
-    "~5 (two other jobs' nice-0 processes on both cores, ours at nice 10), 4 interleaved repeats: whole-request "
-    "routing 1.56-1.86x of one engine (median 259 vs 143 rows/s), the old split 1.03-1.28x (160 rows/s). The E-step "
-    "figure stays near 1.1x for reasons outside the engines (per-process CPU of whole quick runs, 2 sampler actors, "
+    "2 engines vs 1: EnginePool used to cut every request evenly over the engines, but HF generate on the tiny model "
+    "costs 0.055 s for 8 rows vs 0.086 s for 16 (per-step overhead) and seeded requests from different callers are "
+    "not merged, so the cut gained at most ~1.56x. It now cuts a request only over engines with nothing in flight "
+    "(a lone caller: the same cut as before) and otherwise sends it whole to the least-busy engine. The target's "
+    "figure is the engine pool's own: 4 caller threads sharing one pool, E-step-shaped seeded requests, 1 vs 2 "
+    "engines. A/B at load ~5 (two other jobs' nice-0 processes on both cores, ours at nice 10), 4 interleaved "
+    "repeats: 1.70-1.90x of one engine (median 242 vs 141 rows/s), the old cut 0.88-1.39x (153 rows/s). The "
+    "E-step with the recipes' one sampler actor: 1.30-1.35x (the old cut 1.33-1.82x, same load). The E-step figure "
+    "with 2 sampler actors stays near 1.1-1.2x for reasons outside the engines (per-process CPU of whole quick runs, "
     "2026-11-25, load ~6): the engines use 0.6-0.7 s CPU of a run, the sampler actors 4.2-4.4 s (mostly their "
     "start-up: a Ray worker, our imports, the tokenizer), the driver and Ray's processes ~0.6 s; the steady state is "
     "~0.6 s long (2 batches per sampler), during which 1 engine is ~100% busy and each of 2 engines ~55%, since each "
-    "sampler alternates engine calls with its own work and retrieval, and the samplers' pools do not see each "
-    "other's requests. 4 sampler actors were slower (49-52 samples/s against 85-115 with 2): their start-up "
-    "takes the CPU the second engine would use."
+    "sampler alternates engine calls with its own work and retrieval, and each sampler's pool sees only its own "
+    "requests (so it cuts them over both engines). 4 sampler actors were slower (49-52 samples/s against 85-115 "
+    "with 2): their start-up takes the CPU the second engine would use."
 )
 
 

@@ -2,9 +2,9 @@
 
 Several caller threads share one `EnginePool` (as an agent's threads, a Serve replica or a sampler do) and each sends
 E-step-shaped requests one after another: a batch of questions, sampled at temperature 1 with a seed per request (the
-E-step's setting, so the pool routes each request whole and never splits it). The figure is sampled rows per second
-of wall time over all callers, with the same requests and seeds on 1 engine and on 2; the E-step figure beside it
-adds Ray Data, the sampler actors, retrieval and scoring, which share the same 2 cores.
+E-step's setting). The figure is sampled rows per second of wall time over all callers, with the same requests and
+seeds on 1 engine and on 2; the E-step figure beside it adds Ray Data, the sampler actors, retrieval and scoring, which
+share the same 2 cores.
 """
 
 from __future__ import annotations

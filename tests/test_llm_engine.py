@@ -160,6 +160,10 @@ def test_pool_splits_a_lone_big_request_and_keeps_order(two_engines, tiny_policy
     assert all(after > b for after, b in zip(batches_run(two_engines), before, strict=True))  # both engines did work
     scores = pool.score([(g.prompt_ids, g.completions[0].token_ids) for g in pooled])
     assert len(scores) == len(prompts)
+    # a lone caller's seeded request is cut the same way every time, so its samples repeat
+    seeded = Sampling(n=2, temperature=1.0, max_tokens=8, seed=11)
+    first, again = pool.generate(prompts, seeded), pool.generate(prompts, seeded)
+    assert [[c.token_ids for c in g.completions] for g in first] == [[c.token_ids for c in g.completions] for g in again]
     assert pool.in_flight == [0, 0]
 
 
@@ -167,9 +171,9 @@ def test_pool_sends_a_concurrent_request_to_the_idle_engine(two_engines):
     """While one request is in flight on an engine, the next goes whole to the other one."""
     pool = EnginePool(two_engines, timeout_s=120)
     before = batches_run(two_engines)
-    long_sampling = Sampling(n=4, temperature=1.0, max_tokens=150, seed=1)  # seeded: whole, one batch
+    long_sampling = Sampling(n=7, temperature=1.0, max_tokens=400, seed=1)  # 7 rows: too few to cut, one batch
     with ThreadPoolExecutor(max_workers=1) as threads:
-        long = threads.submit(pool.generate, PROMPTS * 4, long_sampling)
+        long = threads.submit(pool.generate, PROMPTS[:1], long_sampling)
         while sum(pool.in_flight) == 0 and not long.done():
             time.sleep(0.001)
         busy = pool.in_flight
@@ -190,9 +194,9 @@ def test_pool_serves_threads_at_once_in_request_order(two_engines, tiny_policy):
     with ThreadPoolExecutor(max_workers=6) as threads:
         pooled = list(threads.map(lambda prompts: pool.generate(prompts, sampling), requests))
     spread = [after - b for after, b in zip(batches_run(two_engines), before, strict=True)]
-    assert all(count >= 1 for count in spread) and sum(spread) == len(requests)  # seeded: one batch per request
+    assert all(count >= 1 for count in spread) and sum(spread) == len(requests)  # seeded: each batch runs alone
     for prompts, got in zip(requests, pooled, strict=True):
-        # seeded requests are never split, so each caller gets what one engine alone samples for it
+        # 3 rows are never cut, so each caller gets what one engine alone samples for it
         alone = run(core.generate(prompts, sampling))
         assert [g.completions[0].token_ids for g in got] == [g.completions[0].token_ids for g in alone]
     assert pool.in_flight == [0, 0]
