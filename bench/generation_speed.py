@@ -44,10 +44,11 @@ TWO_ENGINES = (
     "with 2 sampler actors stays near 1.1-1.2x for reasons outside the engines (per-process CPU of whole quick runs, "
     "2026-11-25, load ~6): the engines use 0.6-0.7 s CPU of a run, the sampler actors 4.2-4.4 s (mostly their "
     "start-up: a Ray worker, our imports, the tokenizer), the driver and Ray's processes ~0.6 s; the steady state is "
-    "~0.6 s long (2 batches per sampler), during which 1 engine is ~100% busy and each of 2 engines ~55%, since each "
-    "sampler alternates engine calls with its own work and retrieval, and each sampler's pool sees only its own "
-    "requests (so it cuts them over both engines). 4 sampler actors were slower (49-52 samples/s against 85-115 "
-    "with 2): their start-up takes the CPU the second engine would use."
+    "~0.6 s long (2 batches per sampler), during which 1 engine is ~100% busy and 2 engines ~55% each (measured "
+    "while seeded requests were sent whole), since each sampler alternates engine calls with its own work and "
+    "retrieval; and each sampler's pool sees only its own requests, so it cuts them over both engines. 4 sampler "
+    "actors were slower (49-52 samples/s against 85-115 with 2): their start-up takes the CPU the second engine "
+    "would use. Re-measured at load 18-30 (the final rule): engines 0.9-1.3 s CPU, samplers 5-6 s."
 )
 
 
