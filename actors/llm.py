@@ -547,8 +547,8 @@ class EnginePool:
     An engine's batch costs mostly per decoding step, not per row (HF generate on the tiny policy: 0.055 s for 8 rows,
     0.086 s for 16). So a lone caller's request is cut over every idle engine (it finishes up to ~1.56x sooner on 2),
     but when other requests are in flight it goes whole to the least-busy engine: cutting every request of concurrent
-    callers halves each engine's batches and gains only ~1.1-1.3x on 2 engines, whole requests up to 2x. Requests
-    under 2 x `split_min_rows` rows are never cut.
+    callers halves each engine's batches: 0.9-1.4x of one engine on 2 (bench/pool_throughput.py, load ~5), whole
+    requests 1.7-1.9x. Requests under 2 x `split_min_rows` rows are never cut.
 
     The cut decides seeded samples (the engine seeds each call it gets). A lone caller's requests are always cut the
     same way (over every engine, all idle), so its seeded samples repeat for a given number of engines; callers that
