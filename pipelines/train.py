@@ -65,6 +65,10 @@ class TrainSettings:
     seed: int = 0
     reference_path: str | None = None
     """Frozen reference for DPO; empty = the starting model."""
+    optimizer_from: str | None = None
+    """A checkpoint of ours whose AdamW moments this run starts from (its step count, schedule and data position are
+    not taken). Why: a fresh AdamW's first updates move every weight by about the learning rate whatever its gradient,
+    which undid the ExSearch warm start in a few M-step steps; continuing the warm start's moments does not."""
 
     @classmethod
     def from_config(cls, trainer_cfg: Any, model_path: str | os.PathLike, **overrides) -> TrainSettings:
@@ -205,8 +209,23 @@ class PolicyTrainer:
         self.steps_per_epoch = len(self.examples) // settings.batch_size
         total = self.steps_per_epoch * settings.epochs
         self.total_steps = min(total, settings.max_steps) if settings.max_steps > 0 else total
+        if settings.optimizer_from:
+            self._continue_moments(Path(settings.optimizer_from))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(settings, self.total_steps))
         self.step_index = 0
+
+    def _continue_moments(self, folder: Path) -> None:
+        """Start from `folder`'s AdamW moments, at this run's learning rate."""
+        if not (folder / STATE_FILE).exists():
+            raise FileNotFoundError(f"trainer.optimizer_from={folder}: no {STATE_FILE} (not a checkpoint of ours)")
+        state = torch.load(folder / STATE_FILE, weights_only=False)["optimizer"]
+        for group in state["param_groups"]:
+            group["lr"] = self.settings.lr
+            group.pop("initial_lr", None)
+        try:
+            self.optimizer.load_state_dict(state)
+        except ValueError as error:
+            raise ValueError(f"trainer.optimizer_from={folder}: its optimizer does not fit this model ({error})") from None
 
     # ---- data position ----------------------------------------------------------------------------------------
     def global_batch(self, step: int) -> list[int]:

@@ -172,6 +172,27 @@ def test_token_dpo_widens_the_margin_on_the_differing_suffix(tiny_policy):
     assert losses[-1] < 0.3
 
 
+def test_a_run_can_continue_another_runs_adam_moments(one_worker_run, tmp_path):
+    """The M-step's `optimizer_from`: the saved moments, this run's lr, and a first step smaller than a fresh AdamW's
+    (which moves every weight with a gradient by the full lr)."""
+    start = one_worker_run.checkpoint
+    examples = [example_from_row(r, i, "weighted_nll") for i, r in enumerate(ROWS)]
+    fresh = PolicyTrainer(_settings(start, lr=3e-4, lr_schedule="constant"), examples)
+    carried = PolicyTrainer(_settings(start, lr=3e-4, lr_schedule="constant", optimizer_from=str(start)), examples)
+    saved = torch.load(start / "trainer_state.pt", weights_only=False)["optimizer"]["state"]
+    assert torch.equal(carried.optimizer.state_dict()["state"][0]["exp_avg_sq"], saved[0]["exp_avg_sq"])
+    assert [g["lr"] for g in carried.optimizer.param_groups] == [3e-4, 3e-4]
+    moves = {}
+    for name, trainer in (("fresh", fresh), ("carried", carried)):
+        before = [p.detach().clone() for p in trainer.base.parameters()]
+        trainer.step()
+        moves[name] = torch.cat([(p.detach() - b).abs().flatten() for p, b in zip(trainer.base.parameters(), before, strict=True)])
+    assert moves["fresh"].max() == pytest.approx(3e-4, rel=1e-3)
+    assert moves["carried"].mean() < 0.5 * moves["fresh"].mean()
+    with pytest.raises(FileNotFoundError, match=f"trainer.optimizer_from={tmp_path}: no trainer_state.pt"):
+        PolicyTrainer(_settings(start, optimizer_from=str(tmp_path)), examples)
+
+
 def test_checkpoint_is_an_engine_loadable_hf_folder(one_worker_run):
     import asyncio
 
