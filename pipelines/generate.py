@@ -51,6 +51,31 @@ class EStepConfig:
     concurrency: int = 1
     """Agent actors in the Ray Data actor pool (never more than there are batches: an idle actor costs a start-up)."""
     seed: int = 0
+    weighting: str = "posterior"
+    """`posterior`: a softmax over the question's K samples, the self-normalised estimate of p(z | x, y); every question
+    weighs 1 in all, so one whose samples all missed still trains on its least-bad sample. `likelihood`: p(y | x, z)
+    itself (tempered by `weight_temperature`), the unbiased estimate of the gradient of p(y | x); samples that missed
+    weigh almost nothing. Measured on the tiny demo policy: see README (ExSearch demo)."""
+
+    def __post_init__(self):
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"recipe.estep.weighting={self.weighting!r} is not one of {WEIGHTINGS}")
+
+    def weights(self, log_likelihoods: Sequence[float]) -> list[float]:
+        """One question's importance weights, from its samples' log p(gold answer | x, z)."""
+        if self.weighting == "likelihood":
+            return likelihood_weights(log_likelihoods, self.weight_temperature)
+        return softmax_weights(log_likelihoods, self.weight_temperature)
+
+
+WEIGHTINGS = ("posterior", "likelihood")
+
+
+def likelihood_weights(log_likelihoods: Sequence[float], temperature: float = 1.0) -> list[float]:
+    """p(y | x, z) ** (1 / temperature) per sample, not normalised over the question."""
+    if temperature <= 0:
+        raise ValueError(f"weight_temperature={temperature} must be > 0")
+    return np.exp(np.minimum(np.asarray(log_likelihoods, dtype=np.float64), 0.0) / temperature).tolist()
 
 
 def softmax_weights(log_likelihoods: Sequence[float], temperature: float = 1.0) -> list[float]:
@@ -63,8 +88,9 @@ def softmax_weights(log_likelihoods: Sequence[float], temperature: float = 1.0) 
 
 
 def weight_entropy(weights: Sequence[float]) -> float:
-    """Entropy of one question's weights in nats: log K when uniform, 0 when one sample takes all."""
-    return float(-sum(w * math.log(w) for w in weights if w > 0))
+    """Entropy of one question's weights (normalised first) in nats: log K when uniform, 0 when one sample takes all."""
+    total = float(sum(weights))
+    return float(-sum(w / total * math.log(w / total) for w in weights if w > 0)) if total > 0 else 0.0
 
 
 def check_example(row: dict) -> str | None:
@@ -111,7 +137,7 @@ class ExSearchSampler:
         rows = []
         for index, example in enumerate(examples):
             group = range(index * k, (index + 1) * k)
-            weights = softmax_weights([log_likelihoods[i] for i in group], self.estep.weight_temperature)
+            weights = self.estep.weights([log_likelihoods[i] for i in group])
             for i, weight in zip(group, weights, strict=True):
                 t, (context, continuation) = trajectories[i], pairs[i]
                 kept = len(context) - len(t.prompt_ids)
@@ -315,7 +341,7 @@ class DROSampler:
         rows = []
         for example in examples:
             group = [i for i, (e, _, _) in enumerate(jobs) if e["id"] == example["id"]]
-            weights = softmax_weights([log_likelihoods[i] for i in group], self.estep.weight_temperature)
+            weights = self.estep.weights([log_likelihoods[i] for i in group])
             gold = set(example.get("supporting_passage_ids") or [])
             for i, weight in zip(group, weights, strict=True):
                 _, documents, selection = jobs[i]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -26,6 +27,17 @@ def test_softmax_weights_and_entropy():
     assert weight_entropy([0.25] * 4) == pytest.approx(1.3862944) and weight_entropy([1.0, 0.0]) == 0.0
     with pytest.raises(ValueError, match="weight_temperature=0"):
         softmax_weights([0.0], temperature=0)
+
+
+def test_likelihood_weighting_lets_a_question_whose_samples_all_missed_weigh_almost_nothing():
+    missed = [-20.0, -21.0]
+    assert sum(EStepConfig().weights(missed)) == pytest.approx(1.0)  # posterior: still weight 1 in all
+    likelihood = EStepConfig(weighting="likelihood")
+    assert sum(likelihood.weights(missed)) < 1e-8
+    assert likelihood.weights([-0.1, 0.2]) == pytest.approx([math.exp(-0.1), 1.0])  # p(y | x, z), capped at 1
+    assert weight_entropy([0.1, 0.1]) == pytest.approx(math.log(2))  # entropy of the normalised weights
+    with pytest.raises(ValueError, match="recipe.estep.weighting='softmax' is not one of"):
+        EStepConfig(weighting="softmax")
 
 
 @pytest.fixture(scope="module")
