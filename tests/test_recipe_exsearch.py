@@ -57,6 +57,14 @@ def test_exsearch_recipe_runs_end_to_end_and_resumes(ray_cluster, tmp_path):
     with open(tmp_path / "iter-01-importance" / "mstep_metrics.csv") as handle:
         first = next(csv.DictReader(handle))
     assert float(first["lr"]) == pytest.approx(cfg.recipe.mstep_lr)  # the M-step runs at recipe.mstep_lr
+    import json
+
+    import torch
+
+    trained = json.loads((tmp_path / "iter-01-importance" / "result.json").read_text())["trained_checkpoint"]
+    state = torch.load(f"{trained}/trainer_state.pt", weights_only=False)
+    # AdamW's own step count includes the warm start's steps: the M-step continued its moments
+    assert float(state["optimizer"]["state"][0]["step"]) == state["step"] + cfg.recipe.warm_start_steps
     demos = tmp_path / "iter-00-warm-start" / "demonstrations"
     from pipelines import records
 

@@ -163,8 +163,9 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
                                              asdict(agent_cfg), estep, config={"variant": variant, "iteration": iteration})
                 table = mstep_rows(records.read_records(folder / "estep", "weighted_sample"), variant)
                 objective = "weighted_nll" if variant == "importance" else "sft"
+                # the M-step continues the previous policy's AdamW moments (TrainSettings.optimizer_from)
                 settings = TrainSettings.from_config(cfg.trainer, current["checkpoint"], objective=objective,
-                                                     lr=recipe.mstep_lr)
+                                                     lr=recipe.mstep_lr, optimizer_from=current["checkpoint"])
                 print(f"[{variant} {iteration}] E-step: {summary.samples} samples, correct {summary.correct_rate:.1%}; "
                       f"M-step ({objective}) on {table.num_rows} rows", flush=True)
                 if table.num_rows >= settings.batch_size:
