@@ -215,13 +215,13 @@ class PolicyTrainer:
         self.step_index = 0
 
     def _continue_moments(self, folder: Path) -> None:
-        """Start from `folder`'s AdamW moments, at this run's learning rate."""
+        """Start from `folder`'s AdamW moments, with this run's hyperparameters (lr, betas, weight decay)."""
         if not (folder / STATE_FILE).exists():
             raise FileNotFoundError(f"trainer.optimizer_from={folder}: no {STATE_FILE} (not a checkpoint of ours)")
         state = torch.load(folder / STATE_FILE, weights_only=False)["optimizer"]
-        for group in state["param_groups"]:
-            group["lr"] = self.settings.lr
-            group.pop("initial_lr", None)
+        for saved, ours in zip(state["param_groups"], self.optimizer.param_groups, strict=False):
+            saved.pop("initial_lr", None)  # the scheduler sets it from this run's lr
+            saved.update({key: value for key, value in ours.items() if key != "params"})
         try:
             self.optimizer.load_state_dict(state)
         except ValueError as error:

@@ -178,10 +178,12 @@ def test_a_run_can_continue_another_runs_adam_moments(one_worker_run, tmp_path):
     start = one_worker_run.checkpoint
     examples = [example_from_row(r, i, "weighted_nll") for i, r in enumerate(ROWS)]
     fresh = PolicyTrainer(_settings(start, lr=3e-4, lr_schedule="constant"), examples)
-    carried = PolicyTrainer(_settings(start, lr=3e-4, lr_schedule="constant", optimizer_from=str(start)), examples)
+    carried = PolicyTrainer(_settings(start, lr=3e-4, lr_schedule="constant", weight_decay=0.01,
+                                      optimizer_from=str(start)), examples)
     saved = torch.load(start / "trainer_state.pt", weights_only=False)["optimizer"]["state"]
     assert torch.equal(carried.optimizer.state_dict()["state"][0]["exp_avg_sq"], saved[0]["exp_avg_sq"])
     assert [g["lr"] for g in carried.optimizer.param_groups] == [3e-4, 3e-4]
+    assert [g["weight_decay"] for g in carried.optimizer.param_groups] == [0.01, 0.0]  # this run's, not the saved 0.0
     moves = {}
     for name, trainer in (("fresh", fresh), ("carried", carried)):
         before = [p.detach().clone() for p in trainer.base.parameters()]
