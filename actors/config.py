@@ -33,6 +33,14 @@ class ModelConfig:
     """Keep the synthetic world's name syllables whole in the built BPE (no merge crosses them), so a name the model
     never saw is a sequence of tokens it saw thousands of times: what lets a tiny model copy it (see
     `train_bpe_tokenizer`)."""
+    split_digits: bool = True
+    """Every digit its own token in the built BPE (as in Llama's and Qwen's): a number then reads the same in a passage
+    and in an answer, so writing it is a copy (see `train_bpe_tokenizer`)."""
+    copy_pretrain_steps: int = 1000
+    """Steps of copy pretraining a built model gets before any recipe (`pipelines/copy_pretrain.py`): random token
+    sequences repeated at a random distance, so it arrives with induction heads, as a pretrained LM does. 0 = none;
+    ignored with `path` (a real model was pretrained for real)."""
+    copy_pretrain_lr: float = 1e-3
     added_tokens: list[str] = field(default_factory=lambda: [
         f"<{slash}{tag}>" for tag in ("think", "search", "record", "answer", "documents") for slash in ("", "/")
     ])

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from actors.models import ensure_policy
 from pipelines import config as _config  # noqa: F401  (registers the schema with Hydra)
+from pipelines.copy_pretrain import copy_pretrain
 from pipelines.data.export import export_world, world_folders
 from pipelines.data.stats import token_stats
 from pipelines.data.world import SYLLABLES, WorldConfig, build_world
@@ -72,6 +73,8 @@ def prepare(cfg: DictConfig, out) -> dict:
     print(f"[prepare] world written to {data_root} in {time.perf_counter() - started:.1f}s", flush=True)
 
     policy = ensure_policy(cfg.model, world.texts, out / "policy", SYLLABLES)
+    if not cfg.model.path and cfg.model.copy_pretrain_steps > 0:
+        policy = copy_pretrain(policy, cfg, out / "policy-copy-pretrained", SYLLABLES)
     print(f"[prepare] policy model at {policy}", flush=True)
 
     kinds = {"documents": "document", "tools": None}

@@ -61,6 +61,29 @@ def test_whole_pieces_are_never_merged_across():
     assert [whole.decode([i]) for i in whole(" Sathal", add_special_tokens=False)["input_ids"]] == [" Sa", "thal"]
 
 
+
+def test_split_digits_makes_a_number_the_same_tokens_after_a_space_and_after_a_tag():
+    from pipelines.data.world import SYLLABLES, WorldConfig, build_world
+
+    world = build_world(WorldConfig(people_per_split=20, companies_per_split=10, cities_per_split=8,
+                                    train_questions=30, dev_questions=10, test_questions=10))
+    texts = list(world.texts())
+    plain = train_bpe_tokenizer(texts, vocab_size=1024, max_token_chars=4, whole_pieces=SYLLABLES,
+                                added_tokens=["<answer>"])
+    split = train_bpe_tokenizer(texts, vocab_size=1024, max_token_chars=4, whole_pieces=SYLLABLES,
+                                added_tokens=["<answer>"], split_digits=True)
+
+    def number_tokens(tokenizer, text):
+        return [t for t in tokenizer.tokenize(text) if t.strip("Ġ").isdigit()]
+
+    passage, answer = "Kazo was founded in 1985.", "<answer>1985"
+    assert number_tokens(split, passage) == number_tokens(split, answer) == ["1", "9", "8", "5"]
+    assert number_tokens(plain, passage) != number_tokens(plain, answer)  # merges differ after a space: no copy
+    for text in (passage, "410,513 metres, 2.5 km", "Who founded Lofa Sathal?"):
+        assert split.decode(split(text, add_special_tokens=False)["input_ids"]) == text  # exact round trip
+    assert [split.decode([i]) for i in split(" Sathal", add_special_tokens=False)["input_ids"]] == [" Sa", "thal"]
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_built_model_loads_and_generates_greedily(tmp_path, bpe, family):
     cfg = ModelConfig(family=family, hidden_size=64, num_layers=1, num_attention_heads=2, num_key_value_heads=2,

@@ -17,7 +17,7 @@ TOY = [
     "data.world.train_questions=40", "data.world.dev_questions=10", "data.world.test_questions=10",
     "data.world.train_tool_tasks=4", "data.world.dev_tool_tasks=2", "data.world.test_tool_tasks=2",
     "model.vocab_size=400", "model.hidden_size=64", "model.intermediate_size=128", "model.num_attention_heads=2",
-    "model.num_key_value_heads=2",
+    "model.num_key_value_heads=2", "model.copy_pretrain_steps=10",
     "retriever=bm25", "engine.num_cpus=0.5",
     "recipe.iterations=1", "recipe.variants=[importance,rejection]", "recipe.warm_start_questions=12",
     "recipe.warm_start_steps=10", "recipe.warm_start_worlds=1", "recipe.warm_start_world_questions=10",

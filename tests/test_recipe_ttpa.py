@@ -20,7 +20,7 @@ TOY = [
     "data.world.train_questions=4", "data.world.dev_questions=2", "data.world.test_questions=2",
     "data.world.train_tool_tasks=4", "data.world.dev_tool_tasks=2", "data.world.test_tool_tasks=2",
     "model.vocab_size=400", "model.hidden_size=64", "model.intermediate_size=128", "model.num_attention_heads=2",
-    "model.num_key_value_heads=2", "engine.num_cpus=0.5", "sandbox.num_actors=1",
+    "model.num_key_value_heads=2", "model.copy_pretrain_steps=0", "engine.num_cpus=0.5", "sandbox.num_actors=1",
     "recipe.train_tasks=16", "recipe.train_worlds=1", "recipe.test_tasks=6", "recipe.sft_steps=8",
     "recipe.pair_turns=12", "recipe.dpo_lr=1e-3", "recipe.pairs.max_new_tokens=40", "recipe.pairs.shard_size=6",
     "recipe.pairs.batch_size=6",

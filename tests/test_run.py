@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -18,7 +19,7 @@ SMALL_WORLD = [
     "data.world.people_per_split=30", "data.world.companies_per_split=15", "data.world.cities_per_split=10",
     "data.world.train_questions=40", "data.world.dev_questions=20", "data.world.test_questions=20",
     "data.world.train_tool_tasks=10", "data.world.dev_tool_tasks=5", "data.world.test_tool_tasks=5",
-    "model.vocab_size=400",
+    "model.vocab_size=400", "model.copy_pretrain_steps=20",
 ]
 
 
@@ -49,6 +50,8 @@ def test_policy_is_a_loadable_hf_folder(prepared):
     _, out, result = prepared
     model, tokenizer = load_causal_lm(result["policy"])
     assert model.config.vocab_size == len(tokenizer) <= 400 + 16
+    copy = json.loads((out / "policy-copy-pretrained" / "result.json").read_text())
+    assert copy["steps"] == 20 and result["policy"] == Path(copy["checkpoint"])  # recipes start from the copy-trained model
 
 
 def test_summary_table_counts_tokens(prepared):
@@ -65,8 +68,9 @@ def test_rerun_reuses_finished_folders(prepared):
     cfg, out, _ = prepared
     manifest = out / "data" / "documents" / "manifest.json"
     before = manifest.stat().st_mtime_ns
-    prepare(cfg, out)
+    again = prepare(cfg, out)
     assert manifest.stat().st_mtime_ns == before
+    assert again["policy"] == prepared[2]["policy"]  # copy pretraining is not redone
 
 
 def test_serving_after_the_job_picks_the_kept_iteration_with_the_best_dev_em(tmp_path):
