@@ -38,17 +38,19 @@ def weighted_nll(
 
     The ExSearch M-step (reasoning and answer terms weighted by the E-step's importance weights) and DRO's selector
     and generator losses. `token`: divide by the number of masked tokens (the global batch's, via `denominator`);
-    `sequence`: average each sequence over its own tokens, then divide by the number of sequences.
+    `weighted_token`: by the weighted number, sum_i w_i * tokens_i (self-normalised importance sampling: the weights
+    set each row's share, not the loss's scale; with every weight 1 it is `token`); `sequence`: average each sequence
+    over its own tokens, then divide by the number of sequences.
     """
     mask = mask.to(logps.dtype)
-    if normalize == "token":
+    if normalize in ("token", "weighted_token"):
         per_sequence = -masked_sum(logps, mask)
-        default = mask.sum()
+        default = mask.sum() if normalize == "token" else (weights.to(logps.dtype) * mask.sum(-1)).sum().clamp(min=1)
     elif normalize == "sequence":
         per_sequence = -masked_sum(logps, mask) / mask.sum(-1).clamp(min=1)
         default = torch.tensor(float(mask.shape[0]))
     else:
-        raise ValueError(f"normalize={normalize!r} is not 'token' or 'sequence'")
+        raise ValueError(f"normalize={normalize!r} is not 'token', 'weighted_token' or 'sequence'")
     total = denominator if denominator is not None else default
     return (weights.to(logps.dtype) * per_sequence).sum() / total
 

@@ -84,6 +84,8 @@ class TrainSettings:
             raise ValueError(
                 f"trainer.batch_size={self.batch_size} must be divisible by trainer.num_workers={num_workers}"
             )
+        if self.normalize not in ("token", "weighted_token", "sequence"):
+            raise ValueError(f"trainer.normalize={self.normalize!r} is not token, weighted_token or sequence")
         if self.lr_schedule not in ("constant", "linear", "cosine"):
             raise ValueError(f"trainer.lr_schedule={self.lr_schedule!r} is not constant, linear or cosine")
         if self.precision not in ("fp32", "bf16"):
@@ -273,6 +275,8 @@ class PolicyTrainer:
         s = self.settings
         if s.objective in PREFERENCE_OBJECTIVES or s.normalize == "sequence":
             local = float(len(rows))
+        elif s.normalize == "weighted_token":
+            local = float(sum(r.weight * sum(r.target_mask) for r in rows))
         else:
             local = float(sum(sum(r.target_mask) for r in rows))
         return self.all_reduce(torch.tensor([local], dtype=torch.float64)).float()[0].clamp(min=1.0)

@@ -21,6 +21,19 @@ def test_weighted_nll_per_token_by_hand():
     assert weighted_nll(LOGPS, MASK, WEIGHTS, "token", denominator=10.0).item() == pytest.approx(expected * 4 / 10)
 
 
+def test_weighted_nll_per_weighted_token_is_self_normalised():
+    # denominator sum_i w_i * tokens_i = 0.25 * 2 + 0.75 * 2 = 2
+    expected = (0.25 * 3.0 + 0.75 * 4.25) / 2
+    assert weighted_nll(LOGPS, MASK, WEIGHTS, "weighted_token").item() == pytest.approx(expected)
+    # the weights set each row's share, not the loss's scale
+    assert weighted_nll(LOGPS, MASK, WEIGHTS * 0.5, "weighted_token").item() == pytest.approx(expected)
+    # ... except that a batch weighing under one token in all is not blown up (its samples all but missed)
+    tiny = weighted_nll(LOGPS, MASK, WEIGHTS * 0.01, "weighted_token").item()
+    assert tiny == pytest.approx(0.01 * (0.25 * 3.0 + 0.75 * 4.25))
+    ones = torch.ones(2)
+    assert weighted_nll(LOGPS, MASK, ones, "weighted_token").item() == pytest.approx(sft(LOGPS, MASK).item())
+
+
 def test_weighted_nll_per_sequence_by_hand():
     expected = (0.25 * 3.0 / 2 + 0.75 * 4.25 / 2) / 2
     assert weighted_nll(LOGPS, MASK, WEIGHTS, "sequence").item() == pytest.approx(expected)
