@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import pipelines.config  # noqa: F401
-from pipelines.recipes.exsearch import mstep_rows
+from pipelines.recipes.exsearch import _split_train, estep_questions, mstep_rows
 from pipelines.run import prepare
 from tests.conftest import REPO
 
@@ -37,6 +37,17 @@ def test_mstep_rows_per_variant():
     assert mstep_rows(table, "rejection").num_rows == 1
     with pytest.raises(ValueError, match="'best' is not one of"):
         mstep_rows(table, "best")
+
+
+def test_each_iteration_samples_fresh_questions_until_the_pool_runs_out():
+    pool = [{"id": f"q{i}"} for i in range(5)]
+    ids = [[q["id"] for q in estep_questions(pool, iteration, 2)] for iteration in (1, 2, 3, 4)]
+    assert ids == [["q0", "q1"], ["q2", "q3"], ["q4", "q0"], ["q1", "q2"]]
+    assert [q["id"] for q in estep_questions(pool, 1, 9)] == ["q0", "q1", "q2", "q3", "q4"]  # never one twice at once
+    with pytest.raises(ValueError, match="data.world.train_questions"):
+        estep_questions([], 1, 2)
+    demos, rest = _split_train(pool, 2, seed=0)
+    assert len(demos) == 2 and sorted(q["id"] for q in demos + rest) == [q["id"] for q in pool]
 
 
 @pytest.mark.slow

@@ -105,7 +105,7 @@ def test_sizes_follow_config():
 
 def test_default_sizes(world):
     counts = {s: (len(world.questions(s)), len(world.tool_tasks(s))) for s in SPLITS}
-    assert counts == {"train": (600, 300), "dev": (150, 100), "test": (300, 200)}
+    assert counts == {"train": (1200, 300), "dev": (150, 100), "test": (300, 200)}
     assert len(world.entities) == 3 * (120 + 60 + 30) + 12
 
 

@@ -52,7 +52,9 @@ class WorldConfig:
     cities_per_split: int = 30
     countries: int = 12
     """Shared by all splits: countries are only answer values, never question topics."""
-    train_questions: int = 600
+    train_questions: int = 1200
+    """Enough for the ExSearch demo: 300 demonstration questions, then fresh E-step questions every iteration (more
+    questions reuse the same train entities and passages; the dev and test questions do not change)."""
     dev_questions: int = 150
     test_questions: int = 300
     hops: list[int] = field(default_factory=lambda: [2, 3, 4])
