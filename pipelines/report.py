@@ -56,6 +56,10 @@ def plot_curves(rows: Sequence[dict], x: str, metrics: Sequence[str], path: str 
             xs, ys = zip(*points, strict=False)
             ax.plot(xs, ys, marker="o", label=metric)
     ax.set_xlabel(x)
+    if all(isinstance(row.get(x), int) for row in rows):  # iterations, steps: no 0.25 ticks
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
