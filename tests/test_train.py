@@ -160,6 +160,24 @@ def test_resume_after_a_stop_continues_the_same_curve(ray_cluster, one_worker_ru
     assert _max_difference(_params(resumed.checkpoint), _params(one_worker_run.checkpoint)) < 1e-6
 
 
+def test_weighted_token_normalisation_rescales_the_step_by_the_batchs_weighted_tokens(tiny_policy):
+    """Same rows and model: the weighted_token loss is the token loss x (tokens / sum of weight x tokens) of the global
+    batch, and scaling every weight leaves it unchanged (the weights set shares, not the step's size)."""
+    examples = [example_from_row(r, i, "weighted_nll") for i, r in enumerate(ROWS)]
+    halved = [example_from_row({**r, "weight": r["weight"] / 2}, i, "weighted_nll") for i, r in enumerate(ROWS)]
+    by_token = PolicyTrainer(_settings(tiny_policy), examples)
+    rows = [examples[i] for i in by_token.global_batch(0)]
+    tokens = sum(sum(e.target_mask) for e in rows)
+    weighted = sum(e.weight * sum(e.target_mask) for e in rows)
+    loss = by_token.step()["loss"]
+    self_normalised = PolicyTrainer(_settings(tiny_policy, normalize="weighted_token"), examples).step()["loss"]
+    assert self_normalised == pytest.approx(loss * tokens / weighted, rel=1e-5)
+    assert PolicyTrainer(_settings(tiny_policy, normalize="weighted_token"), halved).step()["loss"] == pytest.approx(
+        self_normalised, rel=1e-5)
+    with pytest.raises(ValueError, match="trainer.normalize='tokens'"):
+        _settings(tiny_policy, normalize="tokens").check(1)
+
+
 def test_token_dpo_widens_the_margin_on_the_differing_suffix(tiny_policy):
     prompt = [5, 6, 7, 8]
     pairs = [{"prompt_ids": prompt, "chosen_ids": [20, 21, 22 + i], "rejected_ids": [20, 21, 40 + i],
