@@ -88,7 +88,8 @@ def run(tmp_path, small_world, tiny_policy):
 
     out = tmp_path / "run"
     out.mkdir()
-    cfg = _config(out, ["recipe.iterations=2", "recipe.variants=[importance,uniform]"])
+    cfg = _config(out, ["recipe.iterations=2", "recipe.variants=[importance,uniform]", "recipe.estep_questions=80",
+                        "recipe.estep.shard_size=40"])  # 2 shards planned per E-step
     counts = export_world(small_world, out / "data", {})
     write_table([{"dataset": name, "rows": n} for name, n in counts.items()], out, "datasets")
     shutil.copytree(tiny_policy, out / "policy")
