@@ -138,21 +138,28 @@ class DRORecipeConfig:
     """DRO's warm start and EM over document permutations (pipelines/recipes/dro.py): `conf/recipe/dro.yaml`."""
 
     name: str = "dro"
-    iterations: int = 3
+    iterations: int = 2
     """EM iterations after the warm start."""
-    warm_start_questions: int = 150
+    warm_start_questions: int = 300
     """Training questions (single-hop, from the world's decompositions) whose scripted selection and answer form the
     warm start's SFT rows."""
-    warm_start_worlds: int = 0
+    warm_start_worlds: int = 4
     """Other seeded worlds whose scripted rows join the warm start (fresh names: what teaches a tiny model to copy)."""
     warm_start_world_questions: int = 300
     """Single-hop train questions per other world."""
-    warm_start_steps: int = 200
-    warm_start_lr: float = 3e-3
-    estep_questions: int = 150
-    """Training questions (disjoint from the warm start's) sampled in every E-step."""
-    mstep_lr: float = 2e-3
+    warm_start_steps: int = 800
+    warm_start_lr: float = 1e-3
+    warm_start_schedule: str = "cosine"
+    """The warm start's learning-rate schedule (`constant`, `linear` or `cosine`)."""
+    estep_questions: int = 200
+    """Training questions (disjoint from the warm start's) sampled in each E-step, fresh every iteration while the
+    train split lasts."""
+    mstep_lr: float = 3e-4
+    """The M-step's learning rate; the M-step continues the previous policy's AdamW moments, as ExSearch's does."""
     mstep_epochs: int = 1
+    mstep_normalize: str = "weighted_token"
+    """The M-step loss's normaliser (`trainer.normalize` values): `weighted_token` lets the softmax weights set each
+    permutation's share of the step, not the step's size."""
     dev_questions: int = 60
     """Held-out questions that decide whether an iteration's checkpoint is kept."""
     eval_questions: int = 150
@@ -185,16 +192,26 @@ class TTPARecipeConfig:
     train split's entities (chains, phrasings and attributes the policy never saw, names it did)."""
     sft_steps: int = 300
     sft_lr: float = 3e-3
-    dpo_lr: float = 3e-5
-    dpo_beta: float = 0.1
+    dpo_lr: float = 1e-4
+    dpo_beta: float = 1.0
+    """DPO's beta. At 0.1 the loss keeps pushing the rejected tokens down for ~30 nats of margin, and on the tiny
+    policy every rate that moved accuracy (1e-4, 3e-4) also broke the call format (malformed calls 122 -> 203-274 of
+    358 held-out turns); at 1.0 the margin saturates after a few nats."""
     dpo_epochs: int = 1
     dpo_steps: int = -1
     """Stop token_dpo after this many steps (-1 = run `dpo_epochs` over the pairs)."""
+    dpo_rpo_alpha: float = 0.0
+    """token_dpo + alpha x NLL of the chosen (gold) completions (`trainer.rpo_alpha`)."""
     micro_batch_size: int = 4
     """Sequences per forward pass in SFT and token_dpo (instead of trainer.micro_batch_size): a padded micro-batch
     wastes less on the long turns."""
-    pair_turns: int = 0
-    """Train turns to build pairs on per round (0 = all)."""
+    pair_turns: int = 300
+    """Turns to build pairs on per round (0 = all)."""
+    pair_split: str = "dev"
+    """Where the pairs' turns come from: `train` (the SFT's own turns) or `dev` (reversed tasks on the dev split's
+    entities, which the SFT never saw; the test split's stay unseen)."""
+    pair_tasks: int = 300
+    """Reversed tasks built for the pairs when `pair_split` is not `train`."""
     reversed: ReversedConfig = field(default_factory=ReversedConfig)
     pairs: TTPAConfig = field(default_factory=TTPAConfig)
 
@@ -233,6 +250,8 @@ class TrainerConfig:
     """Stop after this many optimizer steps (-1 = run all epochs)."""
     beta: float = 0.1
     label_smoothing: float = 0.0
+    rpo_alpha: float = 0.0
+    """Preference objectives: + alpha x NLL of the chosen completions (TRL's `rpo_alpha`; 0 = plain DPO)."""
     checkpoint_every: int = 0
     """Save a checkpoint every N steps (0 = only at the end)."""
     report_every: int = 50

@@ -80,16 +80,15 @@ def dpo(
     return losses.sum() / total
 
 
-def suffix_mask(mask: torch.Tensor, prompt_lengths: torch.Tensor, prefix_lengths: torch.Tensor) -> torch.Tensor:
-    """Restrict a completion mask to the tokens after the prefix that chosen and rejected share.
+def span_mask(width: int, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """A (rows, width) target mask keeping the tokens with index in [start, end) of each row.
 
-    TTPA's token-level pairs branch at one position; the shared prefix has identical logprobs on both sides and only
-    dilutes the margin, so token-level DPO scores the differing suffix alone. Masks are over targets (length - 1):
+    TTPA's token-level pairs branch at one position; the tokens the two sides share carry no preference and only
+    dilute the margin, so token-level DPO scores the span where they differ. Masks are over targets (length - 1):
     target position p predicts token p + 1.
     """
-    positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0) + 1  # token index each target predicts
-    start = (prompt_lengths + prefix_lengths).unsqueeze(1)
-    return mask * (positions >= start).to(mask.dtype)
+    tokens = torch.arange(width).unsqueeze(0) + 1  # the token index each target predicts
+    return ((tokens >= starts.unsqueeze(1)) & (tokens < ends.unsqueeze(1))).float()
 
 
 def token_dpo(
@@ -101,7 +100,7 @@ def token_dpo(
     label_smoothing: float = 0.0,
     denominator: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """DPO over the differing suffix only: the same loss as `dpo`, fed suffix-masked sums (see `suffix_mask`)."""
+    """DPO over the differing span only: the same loss as `dpo`, fed span-masked sums (see `span_mask`)."""
     return dpo(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, label_smoothing, denominator)
 
 

@@ -127,11 +127,11 @@ class TTPAConfig:
     max_new_tokens: int = 96
     """Greedy completion budget after a branch point (and for sampled completions)."""
     execute_calls: bool = True
+    """Run schema-valid calls in the sandbox so run-time failures score as `execution_error`."""
     tool_schemas: bool = True
     """Show each offered tool's arguments, types and enums in the prompt; off: the offered names only. A real model
     needs the schemas; the tiny demo policy learns the world's five fixed tools from the data, and without their
     schema lines its sequences are half as long (training twice as fast on two cores)."""
-    """Run schema-valid calls in the sandbox so run-time failures score as `execution_error`."""
     sampled_completions: int = 0
     """Also sample this many completions per task and pair the best against the worst (0 = off)."""
     sample_temperature: float = 1.0

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipelines.objectives import contrastive, dpo, sft, suffix_mask, token_logprobs, weighted_nll
+from pipelines.objectives import contrastive, dpo, sft, span_mask, token_logprobs, weighted_nll
 
 LOGPS = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.25, -4.0]])
 MASK = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
@@ -63,11 +63,10 @@ def test_dpo_by_hand_with_label_smoothing():
     assert dpo(chosen, rejected, ref_chosen, ref_rejected, 0.5, 0.1).item() == pytest.approx(smoothed)
 
 
-def test_suffix_mask_keeps_tokens_after_the_shared_prefix():
-    # prompt of 3 tokens, completions of 4; first 2 completion tokens shared -> targets predicting tokens 5 and 6
-    mask = torch.tensor([[0.0, 0.0, 1.0, 1.0, 1.0, 1.0]])
-    got = suffix_mask(mask, torch.tensor([3]), torch.tensor([2]))
-    assert got.tolist() == [[0.0, 0.0, 0.0, 0.0, 1.0, 1.0]]
+def test_span_mask_keeps_the_targets_predicting_tokens_in_each_rows_span():
+    # 7 tokens, so 6 targets (target p predicts token p + 1); row 0 keeps tokens 5..6, row 1 token 3 alone
+    got = span_mask(6, torch.tensor([5, 3]), torch.tensor([7, 4]))
+    assert got.tolist() == [[0.0, 0.0, 0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]]
 
 
 def test_contrastive_by_hand():

@@ -22,7 +22,7 @@ TOY = [
     "model.vocab_size=400", "model.hidden_size=64", "model.intermediate_size=128", "model.num_attention_heads=2",
     "model.num_key_value_heads=2", "model.copy_pretrain_steps=0", "engine.num_cpus=0.5", "sandbox.num_actors=1",
     "recipe.train_tasks=16", "recipe.train_worlds=1", "recipe.test_tasks=6", "recipe.sft_steps=8",
-    "recipe.pair_turns=12", "recipe.dpo_lr=1e-3", "recipe.pairs.max_new_tokens=40", "recipe.pairs.shard_size=6",
+    "recipe.pair_turns=12", "recipe.pair_tasks=8", "recipe.dpo_lr=1e-3", "recipe.pairs.max_new_tokens=40", "recipe.pairs.shard_size=6",
     "recipe.pairs.batch_size=6",
     "trainer.batch_size=4", "trainer.micro_batch_size=4",
 ]
@@ -74,6 +74,15 @@ def test_held_out_evaluation_scores_each_turn_and_argument(tiny_policy, small_wo
     assert result.arguments == {"lookup.attribute": [2, 3], "lookup.entity": [2, 3]}
 
 
+def test_pairs_never_come_from_the_held_out_test_split(small_world, tmp_path):
+    from types import SimpleNamespace
+
+    from pipelines.recipes.ttpa import pair_split_turns
+
+    with pytest.raises(ValueError, match="recipe.pair_split='test' is not one of"):
+        pair_split_turns(small_world, None, None, SimpleNamespace(pair_split="test"), tmp_path, 0)
+
+
 def _result_times(out):
     return {path.parent.name: path.stat().st_mtime_ns for path in out.glob("*/result.json")}
 
@@ -104,6 +113,14 @@ def test_ttpa_recipe_runs_end_to_end_and_resumes_by_stage(ray_cluster, tmp_path)
     train_ids = set(records.read_records(tmp_path / "data" / "train", "tool_task").column("id").to_pylist())
     test_ids = set(records.read_records(tmp_path / "data" / "test", "tool_task").column("id").to_pylist())
     assert train_ids and test_ids and not train_ids & test_ids
+    # the pairs' tasks are built on the dev split's entities: neither the SFT's nor the held-out test's
+    pair_tasks = records.read_records(tmp_path / "data" / "pairs-dev", "tool_task").to_pylist()
+    names = {}
+    for entity in prepare(cfg, tmp_path)["world"].entities:  # (countries belong to no split)
+        names.setdefault(entity["split"], set()).add(entity["name"])
+    assert pair_tasks and all(t["split"] == "dev" for t in pair_tasks)
+    first_entities = {json.loads(t["gold_calls"])[0]["arguments"].get("entity") for t in pair_tasks}
+    assert first_entities & names["dev"] and not first_entities & (names["train"] | names["test"])
 
     # the metrics are the scored greedy outputs of each round's policy, turn by turn
     for folder, row in (("eval-00", rounds[0]), ("eval-01", rounds[1])):

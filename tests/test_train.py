@@ -178,7 +178,7 @@ def test_weighted_token_normalisation_rescales_the_step_by_the_batchs_weighted_t
         _settings(tiny_policy, normalize="tokens").check(1)
 
 
-def test_token_dpo_widens_the_margin_on_the_differing_suffix(tiny_policy):
+def test_token_dpo_widens_the_margin_on_the_differing_span(tiny_policy):
     prompt = [5, 6, 7, 8]
     pairs = [{"prompt_ids": prompt, "chosen_ids": [20, 21, 22 + i], "rejected_ids": [20, 21, 40 + i],
               "prefix_length": 2} for i in range(8)]
@@ -189,6 +189,40 @@ def test_token_dpo_widens_the_margin_on_the_differing_suffix(tiny_policy):
     assert losses[0] == pytest.approx(0.6931, abs=1e-3)  # policy = reference at the start: -log sigmoid(0)
     assert losses[-1] < 0.3
 
+
+
+def test_token_dpo_scores_only_the_span_where_chosen_and_rejected_differ():
+    """Neither the shared prefix nor the shared ending (the call's closing tokens) is scored on either side."""
+    from pipelines.train import _differing_span
+
+    pair = {"prompt_ids": [5, 6, 7], "chosen_ids": [20, 21, 22, 30, 31], "rejected_ids": [20, 21, 40, 41, 30, 31],
+            "prefix_length": 2}
+    mask = _differing_span([example_from_row(pair, 0, "token_dpo")])
+    assert mask.tolist() == [[0, 0, 0, 0, 1, 0, 0, 0],   # chosen: token 5 (22) alone
+                             [0, 0, 0, 0, 1, 1, 0, 0]]   # rejected: tokens 5 and 6 (40, 41)
+    longer = {**pair, "chosen_ids": [20, 21], "rejected_ids": [20, 21, 9]}  # rejected adds a token at the end
+    assert _differing_span([example_from_row(longer, 0, "token_dpo")]).tolist() == [[0, 0, 0, 0, 0], [0, 0, 0, 0, 1]]
+
+
+def test_rpo_alpha_adds_the_chosen_completions_mean_nll_to_the_first_dpo_step(tiny_policy):
+    """At step 0 the policy is its reference, so DPO's loss is log 2 and the rpo term is alpha x the chosen
+    completions' per-token NLL averaged over pairs, over the whole completion (the shared prefix too)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    pairs = [{"prompt_ids": [5, 6, 7, 8], "chosen_ids": [20, 21, 22 + i], "rejected_ids": [20, 21, 40 + i],
+              "prefix_length": 2} for i in range(4)]
+    examples = [example_from_row(p, i, "token_dpo") for i, p in enumerate(pairs)]
+    settings = TrainSettings(model_path=str(tiny_policy), objective="token_dpo", batch_size=4, micro_batch_size=4,
+                             rpo_alpha=0.5)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_policy), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ids = torch.tensor([p["prompt_ids"] + p["chosen_ids"] for p in pairs])
+        logps = torch.log_softmax(model(input_ids=ids).logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+    nll = float(-logps[:, 3:].mean())  # targets 4..6: the 3 chosen tokens of every pair
+    assert PolicyTrainer(settings, examples).step()["loss"] == pytest.approx(0.6931 + 0.5 * nll, rel=1e-4)
+    with pytest.raises(ValueError, match="rpo_alpha"):
+        TrainSettings(model_path=str(tiny_policy), objective="sft", rpo_alpha=1.0).check(1)
 
 def test_a_run_can_continue_another_runs_adam_moments(one_worker_run, tmp_path):
     """The M-step's `optimizer_from`: the saved moments, this run's lr, and a first step smaller than a fresh AdamW's

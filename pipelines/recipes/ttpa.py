@@ -133,6 +133,28 @@ def load_turns(folder: Path, execute) -> list[dict]:
     return turns
 
 
+PAIR_SPLITS = ("train", "dev")
+"""`recipe.pair_split`: pairs on the SFT's own train turns, or on reversed tasks over the dev split's entities."""
+
+
+def pair_split_turns(world, sandbox, execute, recipe, folder: Path, seed: int) -> list[dict]:
+    """Turns of reversed tasks on `recipe.pair_split`'s entities, built once into `folder` (then re-read).
+
+    Why another split's entities: on its own train turns the SFT policy is nearly always right, so the branches sit on
+    alternatives it already rejects; on names it never saw it makes the held-out mistakes (copying a name or a value),
+    and the pairs say which continuation was right there. The test split's entities stay unseen."""
+    from pipelines.ttpa import build_reversed_tasks, tool_task_records
+
+    if recipe.pair_split not in PAIR_SPLITS:
+        raise ValueError(f"recipe.pair_split={recipe.pair_split!r} is not one of {PAIR_SPLITS}")
+    if not (folder / records.MANIFEST).is_file():
+        tasks, _ = build_reversed_tasks(world, sandbox, recipe.pair_tasks, recipe.pair_split,
+                                        _reversed_config(recipe, seed))
+        records.write_records(tool_task_records(tasks), folder, "tool_task",
+                              {"recipe": OmegaConf.to_container(recipe, resolve=True)})
+    return load_turns(folder, execute)
+
+
 def sft_rows(turns: list[dict], tokenizer, specs: dict, tool_schemas: bool) -> list[dict]:
     """prompt -> the gold call block, every target token trained on."""
     from pipelines.ttpa import render_calls, task_prompt
@@ -233,7 +255,9 @@ def run_ttpa(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
         pairs_dir = out / f"pairs-{t:02d}"
         pairs = finished_result(pairs_dir)
         if pairs is None:
-            chosen_turns = train_turns[: recipe.pair_turns] if recipe.pair_turns > 0 else train_turns
+            source = train_turns if recipe.pair_split == "train" else pair_split_turns(
+                world, sandbox, execute, recipe, data_dir / f"pairs-{recipe.pair_split}", cfg.seed)
+            chosen_turns = source[: recipe.pair_turns] if recipe.pair_turns > 0 else source
             engines.at(current)
             summary = run_ttpa_generation(chosen_turns, pairs_dir / "pairs", engines.engines, sandbox, current,
                                           ttpa_cfg, {"round": t, "ttpa": asdict(ttpa_cfg)})  # fmt: skip
@@ -242,10 +266,13 @@ def run_ttpa(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
         dpo = finished_result(dpo_dir)
         if dpo is None:
             table = records.read_records(pairs_dir / "pairs", "preference_pair")
+            # token_dpo continues the policy's AdamW moments (as the EM recipes' M-steps do)
             settings = TrainSettings.from_config(cfg.trainer, current, objective="token_dpo", lr=recipe.dpo_lr,
                                                  beta=recipe.dpo_beta, epochs=recipe.dpo_epochs,
                                                  max_steps=recipe.dpo_steps, lr_schedule="linear",
-                                                 micro_batch_size=recipe.micro_batch_size)  # fmt: skip
+                                                 micro_batch_size=recipe.micro_batch_size,
+                                                 rpo_alpha=recipe.dpo_rpo_alpha,
+                                                 optimizer_from=current)  # fmt: skip
             if table.num_rows >= settings.batch_size:
                 print(f"[ttpa {t}] token_dpo on {table.num_rows} pairs", flush=True)
                 trained = train(table, settings, dpo_dir, "token_dpo")
