@@ -110,6 +110,12 @@ def test_dro_recipe_runs_end_to_end_and_resumes(ray_cluster, tmp_path):
     assert float(rows[1]["mstep_rows"]) == estep.num_rows
     import json
 
+    import torch
+
+    trained = json.loads((tmp_path / "iter-01-dro" / "result.json").read_text())["trained_checkpoint"]
+    state = torch.load(f"{trained}/trainer_state.pt", weights_only=False)
+    # AdamW's own step count includes the warm start's steps: the M-step continued its moments
+    assert float(state["optimizer"]["state"][0]["step"]) == state["step"] + cfg.recipe.warm_start_steps
     warm = json.loads((tmp_path / "iter-00-warm-start" / "result.json").read_text())
     with open(tmp_path / "iter-00-warm-start" / "test_answers.csv") as handle:
         assert len(list(csv.DictReader(handle))) == warm["test"]["questions"] == cfg.recipe.eval_questions

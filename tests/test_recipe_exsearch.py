@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 from hydra import compose, initialize_config_dir
 
 import pipelines.config  # noqa: F401
-from pipelines.recipes.exsearch import _split_train, estep_questions, mstep_rows
+from pipelines.recipes.exsearch import _split_train, mstep_rows
+from pipelines.recipes.iterations import estep_questions
 from pipelines.run import prepare
 from tests.conftest import REPO
 
@@ -65,11 +67,17 @@ def test_exsearch_recipe_runs_end_to_end_and_resumes(ray_cluster, tmp_path):
     assert all(0.0 <= float(r["em"]) <= 1.0 for r in rows)
     assert (tmp_path / "curve_em.png").stat().st_size > 1000 and (tmp_path / "results.md").is_file()
     assert (tmp_path / "iter-01-importance" / "estep" / "manifest.json").is_file()
+    # both variants start iteration 1 from the warm start: rejection's E-step reuses importance's samples
+    shared = json.loads((tmp_path / "iter-01-rejection" / "result.json").read_text())["estep"]
+    assert shared["shards_written"] == 0 and shared["shards_reused"] == 2
+    from pipelines import records
+
+    sampled = [records.read_records(tmp_path / f"iter-01-{v}" / "estep", "weighted_sample") for v in
+               ("importance", "rejection")]
+    assert sampled[0].num_rows == 16 and sampled[0].equals(sampled[1])
     with open(tmp_path / "iter-01-importance" / "mstep_metrics.csv") as handle:
         first = next(csv.DictReader(handle))
     assert float(first["lr"]) == pytest.approx(cfg.recipe.mstep_lr)  # the M-step runs at recipe.mstep_lr
-    import json
-
     import torch
 
     trained = json.loads((tmp_path / "iter-01-importance" / "result.json").read_text())["trained_checkpoint"]
@@ -77,8 +85,6 @@ def test_exsearch_recipe_runs_end_to_end_and_resumes(ray_cluster, tmp_path):
     # AdamW's own step count includes the warm start's steps: the M-step continued its moments
     assert float(state["optimizer"]["state"][0]["step"]) == state["step"] + cfg.recipe.warm_start_steps
     demos = tmp_path / "iter-00-warm-start" / "demonstrations"
-    from pipelines import records
-
     assert all(records.read_records(demos, "trajectory").column("valid").to_pylist())  # gold runs are valid runs
 
     again = run_exsearch(cfg, tmp_path, prepare(cfg, tmp_path))  # finished iterations are reused, not rerun

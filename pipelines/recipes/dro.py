@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines.recipes.iterations import finished_result, write_result
+from pipelines.recipes.iterations import estep_questions, finished_result, write_result
 from pipelines.report import markdown_table, plot_curves, write_table
 
 
@@ -188,8 +188,7 @@ def run_dro(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
     tokenizer = AutoTokenizer.from_pretrained(policy, local_files_only=True)
     train = single_hop_questions(world.questions("train"))
     random.Random(cfg.seed).shuffle(train)
-    warm_questions = train[: recipe.warm_start_questions]
-    estep_questions = train[recipe.warm_start_questions : recipe.warm_start_questions + recipe.estep_questions]
+    warm_questions, estep_pool = train[: recipe.warm_start_questions], train[recipe.warm_start_questions :]
     dev = single_hop_questions(world.questions("dev"))[: recipe.dev_questions]
     test = single_hop_questions(world.questions("test"))[: recipe.eval_questions]
     reference = retriever_recall(retriever, test, selector_cfg.k)
@@ -203,7 +202,8 @@ def run_dro(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
         rows += other_world_rows(world, cfg.data.world, recipe.warm_start_worlds, recipe.warm_start_world_questions,
                                  tokenizer, selector_cfg, cfg.seed)
         settings = TrainSettings.from_config(cfg.trainer, policy, objective="sft", lr=recipe.warm_start_lr,
-                                             epochs=10_000, max_steps=recipe.warm_start_steps, lr_schedule="cosine")
+                                             epochs=10_000, max_steps=recipe.warm_start_steps,
+                                             lr_schedule=recipe.warm_start_schedule)
         print(f"[warm start] SFT on {len(rows)} scripted rows ({len(warm_questions)} questions, "
               f"{recipe.warm_start_worlds} other worlds) for "
               f"{recipe.warm_start_steps} steps", flush=True)
@@ -232,11 +232,14 @@ def run_dro(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
         if result is None:
             pool.reload(current["checkpoint"])
             estep = replace(estep_cfg, seed=cfg.seed * 1000 + iteration)
-            summary = run_dro_estep(estep_questions, folder / "estep", engines, searcher, current["checkpoint"],
+            questions = estep_questions(estep_pool, iteration, recipe.estep_questions)
+            summary = run_dro_estep(questions, folder / "estep", engines, searcher, current["checkpoint"],
                                     asdict(selector_cfg), estep, config={"iteration": iteration})
             table = records.read_records(folder / "estep", "weighted_sample")
+            # as in ExSearch: the M-step continues the previous policy's AdamW moments, weights self-normalised
             settings = TrainSettings.from_config(cfg.trainer, current["checkpoint"], objective="weighted_nll",
-                                                 lr=recipe.mstep_lr, epochs=recipe.mstep_epochs)
+                                                 lr=recipe.mstep_lr, epochs=recipe.mstep_epochs,
+                                                 optimizer_from=current["checkpoint"], normalize=recipe.mstep_normalize)
             print(f"[dro {iteration}] E-step: {summary.samples} rows, gold passage selected in "
                   f"{summary.correct_rate:.1%}; M-step (weighted_nll) on {table.num_rows} rows", flush=True)
             trained = run_training(table, settings, folder, cfg.trainer.num_workers, cfg.trainer.cpus_per_worker,

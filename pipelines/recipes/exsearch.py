@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -25,7 +26,7 @@ import pyarrow.compute as pc
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines import records
-from pipelines.recipes.iterations import finished_result, write_result
+from pipelines.recipes.iterations import estep_questions, finished_result, write_result
 from pipelines.report import markdown_table, plot_curves, write_table
 
 log = logging.getLogger(__name__)
@@ -40,19 +41,16 @@ def _split_train(questions: list[dict], warm: int, seed: int) -> tuple[list[dict
     return order[:warm], order[warm:]
 
 
-def estep_questions(pool: list[dict], iteration: int, size: int) -> list[dict]:
-    """Iteration `iteration`'s (1-based) E-step questions: the pool's next `size`, wrapping around when it runs out.
+def reuse_estep(source: Path, target: Path) -> None:
+    """Copy a finished E-step's shards into `target`, so `run_estep` there finds every shard done.
 
-    Why fresh questions each iteration: sampling the same questions again mostly re-learns their answers. Measured
-    in-process from a 23% warm start (300 questions x 4 samples, importance weights, 300 test questions): with the
-    same questions the E-step's correct rate went 20% -> 36% over two iterations while test EM went 25.3% -> 29.0%;
-    with fresh questions test EM went 31.7% -> 35.0%.
-    """
-    if not pool:
-        raise ValueError("no training questions are left for the E-step: raise data.world.train_questions above "
-                         "recipe.warm_start_questions")
-    start = (iteration - 1) * size
-    return [pool[(start + i) % len(pool)] for i in range(min(size, len(pool)))]
+    Why: every variant's iteration 1 starts from the warm start with the same questions and seed, so their E-steps
+    would sample the same trajectories; sampling once makes the ablation differ in its M-step only, and saves an
+    E-step (a minute of the demo). Each iteration folder still holds its own samples and manifest."""
+    target.mkdir(parents=True, exist_ok=True)
+    for shard in sorted(source.glob("shard-*.parquet")):
+        if not (target / shard.name).exists():
+            shutil.copyfile(shard, target / shard.name)
 
 
 def mstep_rows(table: pa.Table, variant: str) -> pa.Table:
@@ -162,6 +160,7 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
     print(markdown_table(results[:1]), flush=True)
 
     # ---- EM iterations, one chain per variant ---------------------------------------------------------------
+    sampled: dict[tuple[str, int], Path] = {}  # (policy checkpoint, iteration) -> its E-step folder
     for variant in recipe.variants:
         if variant not in VARIANTS:
             raise ValueError(f"recipe.variants: {variant!r} is not one of {VARIANTS}")
@@ -174,6 +173,8 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
                 pool.reload(current["checkpoint"])
                 estep = replace(estep_cfg, seed=cfg.seed * 1000 + iteration)
                 questions = estep_questions(estep_pool, iteration, recipe.estep_questions)
+                if (current["checkpoint"], iteration) in sampled:
+                    reuse_estep(sampled[current["checkpoint"], iteration], folder / "estep")
                 summary = run_exsearch_estep(questions, folder / "estep", engines, retriever, current["checkpoint"],
                                              asdict(agent_cfg), estep, config={"variant": variant, "iteration": iteration})
                 table = mstep_rows(records.read_records(folder / "estep", "weighted_sample"), variant)
@@ -201,6 +202,7 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
                     "kept": kept, "dev": dev_metrics, "test": test_metrics,
                     "estep": asdict(summary), "mstep_rows": table.num_rows,
                 })
+            sampled.setdefault((current["checkpoint"], iteration), folder / "estep")
             if result["kept"]:
                 best_dev = max(best_dev, result["dev"]["em"])
             current = result
