@@ -273,7 +273,7 @@ class PolicyTrainer:
             n = len(rows)
             loss = OBJECTIVES[s.objective](logps[:n], logps[n:], reference[:n], reference[n:], s.beta,
                                            s.label_smoothing, denominator)
-            if s.rpo_alpha:  # the whole chosen completion, not only its differing suffix
+            if s.rpo_alpha:  # the whole chosen completion, not only its differing span
                 loss = loss + s.rpo_alpha * OBJECTIVES["sft"](token_logps[:n], batch["mask"][:n], "sequence", denominator)
             return loss, int(batch["attention_mask"].sum())
         batch = _pad(rows, self.pad_id)
@@ -381,17 +381,17 @@ def _differing_span(rows: list[PairExample]) -> torch.Tensor:
     `</calls>`); those tokens say nothing about which choice was right, yet would be pushed down on the rejected side.
     (On the tiny TTPA policy at beta 0.1 this alone did not stop the format from breaking: `dpo_beta` did.)"""
     width = max(len(e.input_ids) for r in rows for e in (r.chosen, r.rejected)) - 1
-    starts, ends = [], []
+    starts, chosen_ends, rejected_ends = [], [], []
     for r in rows:
         prompt = r.chosen.target_mask.index(1) + 1 if 1 in r.chosen.target_mask else len(r.chosen.input_ids)
         a, b = r.chosen.input_ids[prompt:], r.rejected.input_ids[prompt:]
-        shared = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-        tail = next((i for i, (x, y) in enumerate(zip(a[::-1], b[::-1], strict=False)) if x != y),
-                    min(len(a), len(b)))
-        tail = max(0, min(tail, min(len(a), len(b)) - shared - 1))
+        shorter = min(len(a), len(b))
+        shared = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), shorter)
+        tail = next((i for i, (x, y) in enumerate(zip(a[::-1], b[::-1], strict=False)) if x != y), shorter)
+        tail = max(0, min(tail, shorter - shared - 1))
         starts.append(prompt + shared)
-        ends += [prompt + len(a) - tail, prompt + len(b) - tail]
-    chosen_ends, rejected_ends = ends[0::2], ends[1::2]
+        chosen_ends.append(prompt + len(a) - tail)
+        rejected_ends.append(prompt + len(b) - tail)
     return span_mask(width, torch.tensor(starts * 2), torch.tensor(chosen_ends + rejected_ends))
 
 

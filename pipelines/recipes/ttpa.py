@@ -251,13 +251,13 @@ def run_ttpa(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
 
     # ---- preference rounds --------------------------------------------------------------------------------------
     current = sft["checkpoint"]
+    pair_source = train_turns if recipe.pair_split == "train" else pair_split_turns(
+        world, sandbox, execute, recipe, data_dir / f"pairs-{recipe.pair_split}", cfg.seed)
     for t in range(1, recipe.rounds + 1):
         pairs_dir = out / f"pairs-{t:02d}"
         pairs = finished_result(pairs_dir)
         if pairs is None:
-            source = train_turns if recipe.pair_split == "train" else pair_split_turns(
-                world, sandbox, execute, recipe, data_dir / f"pairs-{recipe.pair_split}", cfg.seed)
-            chosen_turns = source[: recipe.pair_turns] if recipe.pair_turns > 0 else source
+            chosen_turns = pair_source[: recipe.pair_turns] if recipe.pair_turns > 0 else pair_source
             engines.at(current)
             summary = run_ttpa_generation(chosen_turns, pairs_dir / "pairs", engines.engines, sandbox, current,
                                           ttpa_cfg, {"round": t, "ttpa": asdict(ttpa_cfg)})  # fmt: skip
