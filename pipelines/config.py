@@ -151,15 +151,32 @@ class DRORecipeConfig:
     warm_start_lr: float = 1e-3
     warm_start_schedule: str = "cosine"
     """The warm start's learning-rate schedule (`constant`, `linear` or `cosine`)."""
+    warm_start_selection: str = "gold"
+    """What the warm start's selector rows write: `gold` (the passage that states the answer, first: relevance
+    labels) or `random` (a seeded random permutation: the format only, so the selector starts at chance and learns
+    relevance from the generator's likelihood alone). The generator rows always answer from the gold passage."""
     estep_questions: int = 200
     """Training questions (disjoint from the warm start's) sampled in each E-step, fresh every iteration while the
     train split lasts."""
+    estep_worlds: int = 0
+    """Other seeded worlds whose single-hop train questions join each E-step (`estep_world_questions` each), new
+    worlds every iteration: question-answer pairs are all the E-step needs, and one world has too few of them."""
+    estep_world_questions: int = 300
     mstep_lr: float = 3e-4
     """The M-step's learning rate; the M-step continues the previous policy's AdamW moments, as ExSearch's does."""
     mstep_epochs: int = 1
+    mstep_continue_optimizer: bool = True
+    """Start each M-step from the previous policy's AdamW moments (as ExSearch does) rather than a fresh AdamW."""
     mstep_normalize: str = "weighted_token"
     """The M-step loss's normaliser (`trainer.normalize` values): `weighted_token` lets the softmax weights set each
     permutation's share of the step, not the step's size."""
+    mstep_generator_weight: float = 1.0
+    """Multiplies the generator rows' importance weights in the M-step (the selector's stay): how much of each step
+    teaches answering, against choosing."""
+    mstep_min_weight: float = 0.0
+    """Rows weighing less than this times the heaviest E-step row are left out of the M-step. They add nothing to the
+    weighted loss, but they fill batch places: with likelihood weights most sampled permutations weigh ~0, so a batch
+    of 16 held ~4 rows that trained, and each step was as noisy as a batch of 4."""
     dev_questions: int = 60
     """Held-out questions that decide whether an iteration's checkpoint is kept."""
     eval_questions: int = 150

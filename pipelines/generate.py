@@ -102,6 +102,9 @@ def check_example(row: dict) -> str | None:
     answers = row.get("answers")
     if not answers or not all(isinstance(a, str) and a.strip() for a in answers):
         return "field 'answers' has no non-empty gold answer"
+    documents = row.get("documents")
+    if documents is not None and not all(isinstance(d, dict) and d.get("id") for d in documents):
+        return "field 'documents' must be a list of passages, each with an 'id'"
     return None
 
 
@@ -221,8 +224,11 @@ def run_estep(
         if problem:
             quarantined.append({"row": index, "id": row.get("id"), "reason": problem})
         else:
-            good.append({"id": row["id"], "question": row["question"], "answers": list(row["answers"]),
-                         "supporting_passage_ids": list(row.get("supporting_passage_ids") or [])})
+            example = {"id": row["id"], "question": row["question"], "answers": list(row["answers"]),
+                       "supporting_passage_ids": list(row.get("supporting_passage_ids") or [])}
+            if row.get("documents") is not None:  # candidates searched beforehand (DRO: questions of other worlds)
+                example["documents"] = [dict(d) for d in row["documents"]]
+            good.append(example)
     write_quarantine(folder, quarantined, "example")
     shards, pending = plan_shards(good, estep.shard_size, folder)
     shard_of = {example["id"]: i for i in pending for example in shards[i]}

@@ -140,6 +140,33 @@ def test_dro_estep_merges_duplicate_permutations_and_weights_each_question(setti
         assert all(r["loss_mask"][-1] == 1 and 0 in r["loss_mask"] for r in generated)
 
 
+def test_dro_estep_ranks_the_candidates_a_question_brings(setting, tiny_policy, tmp_path):
+    """Questions of another corpus (DRO's other worlds) bring their candidates; the retriever is not asked."""
+    from transformers import AutoTokenizer
+
+    from pipelines.generate import run_dro_estep
+
+    _, engines, retriever = setting
+    own = [{"id": "other-1", "title": "Ovel Plinth", "text": "Rasa Kel founded Ovel Plinth in 1901."},
+           {"id": "other-2", "title": "Kaba Vell", "text": "Kaba Vell was born in Ovel in 1950."}]
+    questions = [{"id": "other-q", "question": "Who founded Ovel Plinth?", "answers": ["Rasa Kel"],
+                  "supporting_passage_ids": ["other-1"], "documents": own},
+                 {"id": "other-bad", "question": "Who founded it?", "answers": ["Rasa Kel"],
+                  "documents": [{"title": "a passage without an id"}]}]
+    estep = EStepConfig(samples_per_question=2, shard_size=2, batch_size=2)
+    summary = run_dro_estep(questions, tmp_path, engines, retriever, tiny_policy, {"n_docs": 2, "k": 1}, estep)
+    assert (summary.examples, summary.quarantined) == (1, 1)
+    assert "field 'documents' must be a list of passages" in (tmp_path / "quarantine.jsonl").read_text()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
+    table = records.read_records(tmp_path, "weighted_sample")
+    rows = table.to_pylist()
+    assert "generator" in {r["target"] for r in rows}  # (a random policy may write no valid permutation)
+    for row in rows:
+        shown = tokenizer.decode(row["token_ids"]).replace(" ", "")
+        passages = sum(f"]{doc['title']}:{doc['text']}".replace(" ", "") in shown for doc in own)
+        assert passages == (2 if row["target"] == "selector" else 1)  # both ranked, the selected one answered from
+
+
 def test_a_trajectory_that_reaches_the_gold_answer_outweighs_one_that_does_not(small_world, searcher, tiny_policy):
     """With a policy trained (briefly, here) on gold runs, log p(gold | x, z) — the E-step's weight — is higher after
     a run that found the right bridge entity than after one that recorded a wrong one."""

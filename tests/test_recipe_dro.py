@@ -11,7 +11,13 @@ from hydra import compose, initialize_config_dir
 
 import pipelines.config  # noqa: F401
 from agents.selector import SelectorConfig
-from pipelines.recipes.dro import ShuffledSearcher, single_hop_questions, warm_start_rows
+from pipelines.recipes.dro import (
+    ShuffledSearcher,
+    informative_rows,
+    scale_generator_rows,
+    single_hop_questions,
+    warm_start_rows,
+)
 from tests.conftest import REPO
 
 TOY = [
@@ -24,7 +30,8 @@ TOY = [
     "retriever=bm25", "engine.num_cpus=0.5",
     "recipe.iterations=1", "recipe.warm_start_questions=12", "recipe.warm_start_steps=6",
     "recipe.warm_start_worlds=1", "recipe.warm_start_world_questions=10",
-    "recipe.estep_questions=8", "recipe.dev_questions=4", "recipe.eval_questions=6",
+    "recipe.estep_questions=8", "recipe.estep_worlds=1", "recipe.estep_world_questions=4",
+    "recipe.dev_questions=4", "recipe.eval_questions=6",
     "recipe.selector.n_docs=3", "recipe.selector.k=1", "recipe.selector.doc_chars=120",
     "recipe.estep.samples_per_question=2", "recipe.estep.shard_size=4", "recipe.estep.batch_size=4",
     "trainer.batch_size=4", "trainer.micro_batch_size=4",
@@ -74,6 +81,52 @@ def test_warm_start_rows_select_the_gold_passage_and_copy_its_answer(small_world
         assert example["answers"][0].split()[0] in shown  # the generator is shown the passage it copies from
 
 
+def test_random_warm_start_selection_teaches_the_format_not_the_gold_passage(small_world, searcher, tokenizer):
+    cfg = SelectorConfig(n_docs=4, k=1, doc_chars=200)
+    examples = single_hop_questions(small_world.questions("train"))[:40]
+    shuffled = ShuffledSearcher(searcher, seed=0)
+    gold_rows = warm_start_rows(examples, shuffled, tokenizer, cfg, selection="gold")
+    rows = warm_start_rows(examples, shuffled, tokenizer, cfg, selection="random", seed=1)
+    assert len(rows) == len(gold_rows) and rows == warm_start_rows(examples, shuffled, tokenizer, cfg, "random", 1)
+
+    def written(row):
+        return tokenizer.decode([t for t, m in zip(row["token_ids"], row["loss_mask"], strict=True) if m]).strip()
+
+    labels = [written(r) for r in rows[::2]]
+    assert all(label in {"[1]", "[2]", "[3]", "[4]"} for label in labels)
+    assert len(set(labels)) > 2  # spread over the candidates, not a constant
+    differs = sum(a != b for a, b in zip(labels, (written(r) for r in gold_rows[::2]), strict=True))
+    assert differs > len(labels) // 3  # not the gold label (which a random label matches a quarter of the time)
+    assert rows[1::2] == gold_rows[1::2]  # the generator still answers from the gold passage
+    with pytest.raises(ValueError, match="warm_start_selection='best'"):
+        warm_start_rows(examples, shuffled, tokenizer, cfg, selection="best")
+
+
+def test_informative_rows_drops_the_rows_that_weigh_nothing():
+    import pyarrow as pa
+
+    table = pa.table({"example_id": ["a", "a", "b", "b"], "weight": [0.9, 1e-6, 0.5, 0.02]})
+    assert informative_rows(table, 0.0) is table
+    assert informative_rows(table, 0.01)["weight"].to_pylist() == [0.9, 0.5, 0.02]
+    assert informative_rows(table, 0.5)["weight"].to_pylist() == [0.9, 0.5]  # relative to the heaviest row
+    weak = pa.table({"example_id": ["a", "b"], "weight": [1e-9, 3e-12]})  # a weak policy: every likelihood tiny
+    assert informative_rows(weak, 0.01)["weight"].to_pylist() == [1e-9]
+    assert informative_rows(table, 0.5, at_least=3)["weight"].to_pylist() == [0.9, 0.5, 0.02]  # one full batch
+    assert informative_rows(table, 0.5, at_least=9).num_rows == 4
+    with pytest.raises(ValueError, match="every E-step row weighs 0"):
+        informative_rows(pa.table({"example_id": ["a"], "weight": [0.0]}), 0.01)
+
+
+def test_scale_generator_rows_changes_only_the_generator_weights():
+    import pyarrow as pa
+
+    table = pa.table({"target": ["selector", "generator", "selector", "generator"], "weight": [0.9, 0.9, 0.1, 0.1]})
+    assert scale_generator_rows(table, 1.0) is table
+    scaled = scale_generator_rows(table, 0.25)
+    assert scaled["weight"].to_pylist() == pytest.approx([0.9, 0.225, 0.1, 0.025])
+    assert scaled["target"].to_pylist() == table["target"].to_pylist()
+
+
 def test_dro_config_rejects_k_above_n_docs():
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         cfg = compose(config_name="config", overrides=["recipe=dro", "recipe.selector.k=9"])
@@ -107,7 +160,13 @@ def test_dro_recipe_runs_end_to_end_and_resumes(ray_cluster, tmp_path):
     estep = records.read_records(tmp_path / "iter-01-dro" / "estep", "weighted_sample")
     assert set(estep.column("target").to_pylist()) <= {"selector", "generator"}
     assert "generator" in estep.column("target").to_pylist()
-    assert float(rows[1]["mstep_rows"]) == estep.num_rows
+    # the M-step trains on the rows that weigh at least recipe.mstep_min_weight of the heaviest
+    heaviest = max(estep.column("weight").to_pylist())
+    informative = sum(w >= cfg.recipe.mstep_min_weight * heaviest for w in estep.column("weight").to_pylist())
+    assert float(rows[1]["mstep_rows"]) == max(informative, cfg.trainer.batch_size)
+    ids = set(estep.column("example_id").to_pylist())  # this world's questions and another world's
+    assert sum(not i.startswith("world") for i in ids) == cfg.recipe.estep_questions
+    assert 0 < sum(i.startswith("world") for i in ids) <= cfg.recipe.estep_world_questions
     import json
 
     import torch

@@ -72,14 +72,27 @@ class ShuffledSearcher:
         return shuffled
 
 
-def warm_start_rows(examples: Sequence[dict], searcher, tokenizer, selector_cfg) -> list[dict]:
-    """Scripted SFT rows, two per question whose gold passage is among its candidates: the selector writing the gold
-    passage's label first (then the other candidates in shown order, up to k), and the generator copying the answer
-    from those documents. Same token layout as `SelectorAgent` and `generator_scoring_pair`, so the warm start trains
-    exactly what the E-step will sample and score."""
+WARM_START_SELECTIONS = ("gold", "random")
+WARM_START_WORLDS, ESTEP_WORLDS = 20_000, 30_000
+"""Seed offsets of the other worlds: the warm start's and the E-steps' never overlap."""
+
+
+def warm_start_rows(examples: Sequence[dict], searcher, tokenizer, selector_cfg, selection: str = "gold",
+                    seed: int = 0) -> list[dict]:
+    """Scripted SFT rows, two per question whose gold passage is among its candidates: the selector writing a
+    permutation, and the generator copying the answer from the gold passage (first, then the other candidates in
+    shown order, up to k). Same token layout as `SelectorAgent` and `generator_scoring_pair`, so the warm start trains
+    exactly what the E-step will sample and score.
+
+    `selection="gold"`: the selector's permutation is the generator's (the gold passage first), so the warm start
+    teaches relevance from labels. `selection="random"`: the selector writes a seeded random permutation of the
+    candidates, so it learns the format and nothing about which passage answers; only DRO's EM, from the
+    generator's likelihood, can teach it that (DRO's setting: question-answer pairs, no relevance labels)."""
     from agents.selector import format_permutation, generator_scoring_pair, render_ranking_observation
 
-    cfg, rows = selector_cfg, []
+    if selection not in WARM_START_SELECTIONS:
+        raise ValueError(f"recipe.warm_start_selection={selection!r} is not one of {WARM_START_SELECTIONS}")
+    cfg, rows, rng = selector_cfg, [], random.Random(seed)
     candidates = searcher.search([e["question"] for e in examples], cfg.n_docs)
     for example, documents in zip(examples, candidates, strict=True):
         ids = [str(d.get("id")) for d in documents]
@@ -88,9 +101,10 @@ def warm_start_rows(examples: Sequence[dict], searcher, tokenizer, selector_cfg)
             continue
         first = ids.index(gold) + 1
         labels = [first] + [i for i in range(1, len(ids) + 1) if i != first][: cfg.k - 1]
+        written = labels if selection == "gold" else rng.sample(range(1, len(ids) + 1), cfg.k)
         prompt = list(tokenizer(cfg.selector_template.format(question=example["question"]))["input_ids"])
         shown = list(tokenizer(render_ranking_observation(documents, cfg), add_special_tokens=False)["input_ids"])
-        ranking = list(tokenizer(f" {format_permutation(labels)}{cfg.ranking_stop}", add_special_tokens=False)["input_ids"])
+        ranking = list(tokenizer(f" {format_permutation(written)}{cfg.ranking_stop}", add_special_tokens=False)["input_ids"])
         rows.append({"prompt_ids": prompt, "token_ids": shown + ranking,
                      "loss_mask": [0] * len(shown) + [1] * len(ranking), "weight": 1.0})
         selected = [documents[i - 1] for i in labels]
@@ -101,28 +115,60 @@ def warm_start_rows(examples: Sequence[dict], searcher, tokenizer, selector_cfg)
     return rows
 
 
-def other_world_rows(world, world_cfg, worlds: int, questions: int, tokenizer, selector_cfg, seed: int) -> list[dict]:
-    """Warm-start rows from `worlds` other seeded worlds (same sizes, other names), each searched with an in-process
-    BM25 and shuffled like the main world's candidates.
-
-    Why: a tiny model copies a name it has never seen only after copying many different names (the ExSearch recipe
-    measured this too); one world's train names are few enough to memorise instead. Questions that mention a name of
-    this world are left out, so no fact of this world's dev or test entities is taught."""
+def other_worlds(world, world_cfg, offsets: Sequence[int], seed: int):
+    """For each offset, another seeded world (same sizes, other names): its single-hop train questions, without those
+    that mention a name of `world` (so no fact of this world's dev or test entities is taught), and a searcher over
+    its passages (an in-process BM25, shuffled like the main world's candidates)."""
     from actors.config import RetrieverConfig
     from actors.retriever import LocalRetriever, build_core, doc_table
     from pipelines.data.world import build_world
 
     names = {doc["title"] for doc in world.documents()}
     base = OmegaConf.to_object(world_cfg) if isinstance(world_cfg, DictConfig) else world_cfg
-    rows = []
-    for index in range(worlds):
-        other = build_world(replace(base, seed=base.seed + 20_000 + index, dev_questions=1, test_questions=1))
+    for offset in offsets:
+        other = build_world(replace(base, seed=base.seed + offset, dev_questions=1, test_questions=1))
         search = ShuffledSearcher(LocalRetriever([build_core(doc_table(other.documents()),
                                                              RetrieverConfig(kind="bm25"))]), seed)
         fresh = [{**q, "id": f"world{other.cfg.seed}-{q['id']}"} for q in single_hop_questions(other.questions("train"))
                  if not any(name in q["question"] for name in names)]
-        rows += warm_start_rows(fresh[:questions], search, tokenizer, selector_cfg)
+        yield fresh, search
+
+
+def other_world_rows(world, world_cfg, worlds: int, questions: int, tokenizer, selector_cfg, seed: int,
+                     selection: str = "gold") -> list[dict]:
+    """Warm-start rows from `worlds` other seeded worlds.
+
+    Why: a tiny model copies a name it has never seen only after copying many different names (the ExSearch recipe
+    measured this too); one world's train names are few enough to memorise instead."""
+    rows = []
+    offsets = [WARM_START_WORLDS + index for index in range(worlds)]
+    for index, (fresh, search) in enumerate(other_worlds(world, world_cfg, offsets, seed)):
+        rows += warm_start_rows(fresh[:questions], search, tokenizer, selector_cfg, selection, seed + 1 + index)
     return rows
+
+
+def with_candidates(questions: Sequence[dict], searcher, n_docs: int) -> list[dict]:
+    """The questions, each carrying its N candidates (id, title, text) as `documents`: how E-step questions of several
+    worlds, each searched in its own corpus, go through one E-step."""
+    hits = searcher.search([q["question"] for q in questions], n_docs)
+    return [{**q, "documents": [{"id": str(d.get("id")), "title": d.get("title") or "", "text": d.get("text") or ""}
+                                for d in found]} for q, found in zip(questions, hits, strict=True)]
+
+
+def estep_world_questions(world, world_cfg, iteration: int, worlds: int, questions: int, n_docs: int,
+                          seed: int) -> list[dict]:
+    """Iteration `iteration`'s E-step questions from other seeded worlds: `questions` from each of `worlds` worlds
+    never used before (not the warm start's), with their candidates.
+
+    Why: the E-step needs only question-answer pairs, and the selector learns which passage answers only from many
+    of them. This world's train split holds ~900 single-hop questions; the selector, trained on its own E-step's
+    ~200 gold selections per iteration, did not move (0.23 -> 0.22 -> 0.25 Recall@1 from a random-selection warm
+    start), while SFT on ~3,000 labelled selections from other worlds took it from 0.21 to 0.45 in 250 steps."""
+    offsets = [ESTEP_WORLDS + (iteration - 1) * worlds + index for index in range(worlds)]
+    out = []
+    for fresh, search in other_worlds(world, world_cfg, offsets, seed):
+        out += with_candidates(fresh[:questions], search, n_docs)
+    return out
 
 
 def prompt_ids_of_generator(question: str, tokenizer, cfg) -> list[int]:
@@ -157,6 +203,42 @@ def retriever_recall(searcher, questions: Sequence[dict], k: int) -> float:
     hits = searcher.search([q["question"] for q in questions], k)
     return float(np.mean([len(set(q["supporting_passage_ids"]) & {str(h.get("id")) for h in found})
                           / len(q["supporting_passage_ids"]) for q, found in zip(questions, hits, strict=True)]))
+
+
+def informative_rows(table, min_weight: float, at_least: int = 1):
+    """The E-step rows that weigh at least `min_weight` times the heaviest row (all of them at 0): the M-step's set,
+    never fewer than the `at_least` heaviest rows (one training batch).
+
+    Relative to the heaviest row, so a weak policy whose every likelihood is tiny still trains on its best rows
+    (the self-normalised loss rescales them), while rows a million times lighter than the rest are left out."""
+    import pyarrow.compute as pc
+
+    if min_weight <= 0:
+        return table
+    heaviest = pc.max(table["weight"]).as_py() or 0.0
+    if heaviest <= 0:
+        raise ValueError("every E-step row weighs 0: the M-step has nothing to learn from")
+    kept = pc.greater_equal(table["weight"], min_weight * heaviest)
+    if pc.sum(kept).as_py() >= min(at_least, table.num_rows):
+        return table.filter(kept)
+    heaviest_rows = pc.sort_indices(table, sort_keys=[("weight", "descending")])[:at_least].to_pylist()
+    return table.take(sorted(heaviest_rows))  # in their E-step order
+
+
+def scale_generator_rows(table, factor: float):
+    """The M-step rows with every generator row's weight multiplied by `factor` (1: DRO's joint objective as written).
+
+    Why: the selector's whole lesson is one label token, the generator's an answer of ~10 tokens; trained together
+    with equal weights, the label got about a fourteenth of each step's loss and the selector did not move."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if factor == 1.0:
+        return table
+    generator = pc.equal(table["target"], "generator")
+    weights = pc.if_else(generator, pc.multiply(table["weight"], pa.scalar(factor, table["weight"].type)),
+                         table["weight"])
+    return table.set_column(table.schema.get_field_index("weight"), "weight", weights)
 
 
 def _dev_score(metrics: dict) -> float:
@@ -198,9 +280,9 @@ def run_dro(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
     warm = finished_result(warm_dir)
     engines = None
     if warm is None:
-        rows = warm_start_rows(warm_questions, searcher, tokenizer, selector_cfg)
+        rows = warm_start_rows(warm_questions, searcher, tokenizer, selector_cfg, recipe.warm_start_selection, cfg.seed)
         rows += other_world_rows(world, cfg.data.world, recipe.warm_start_worlds, recipe.warm_start_world_questions,
-                                 tokenizer, selector_cfg, cfg.seed)
+                                 tokenizer, selector_cfg, cfg.seed, recipe.warm_start_selection)
         settings = TrainSettings.from_config(cfg.trainer, policy, objective="sft", lr=recipe.warm_start_lr,
                                              epochs=10_000, max_steps=recipe.warm_start_steps,
                                              lr_schedule=recipe.warm_start_schedule)
@@ -232,14 +314,20 @@ def run_dro(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
         if result is None:
             pool.reload(current["checkpoint"])
             estep = replace(estep_cfg, seed=cfg.seed * 1000 + iteration)
-            questions = estep_questions(estep_pool, iteration, recipe.estep_questions)
+            questions = with_candidates(estep_questions(estep_pool, iteration, recipe.estep_questions), searcher,
+                                        selector_cfg.n_docs)
+            questions += estep_world_questions(world, cfg.data.world, iteration, recipe.estep_worlds,
+                                               recipe.estep_world_questions, selector_cfg.n_docs, cfg.seed)
             summary = run_dro_estep(questions, folder / "estep", engines, searcher, current["checkpoint"],
                                     asdict(selector_cfg), estep, config={"iteration": iteration})
-            table = records.read_records(folder / "estep", "weighted_sample")
+            table = informative_rows(scale_generator_rows(records.read_records(folder / "estep", "weighted_sample"),
+                                                          recipe.mstep_generator_weight), recipe.mstep_min_weight,
+                                     cfg.trainer.batch_size)
             # as in ExSearch: the M-step continues the previous policy's AdamW moments, weights self-normalised
             settings = TrainSettings.from_config(cfg.trainer, current["checkpoint"], objective="weighted_nll",
                                                  lr=recipe.mstep_lr, epochs=recipe.mstep_epochs,
-                                                 optimizer_from=current["checkpoint"], normalize=recipe.mstep_normalize)
+                                                 optimizer_from=current["checkpoint"] if recipe.mstep_continue_optimizer
+                                                 else None, normalize=recipe.mstep_normalize)
             print(f"[dro {iteration}] E-step: {summary.samples} rows, gold passage selected in "
                   f"{summary.correct_rate:.1%}; M-step (weighted_nll) on {table.num_rows} rows", flush=True)
             trained = run_training(table, settings, folder, cfg.trainer.num_workers, cfg.trainer.cpus_per_worker,
