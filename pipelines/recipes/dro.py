@@ -4,7 +4,7 @@
     and the one passage that states it) -> index the passages -> warm start (SFT on scripted selections of the gold
     passage and scripted answers copied from it) -> for t in 1..T:
         E-step (Ray Data, `run_dro_estep`: m permutations per question sampled from the selector, log p(gold | x, z)
-                scored by the generator, weights = softmax over the question's distinct permutations)
+                scored by the generator, weights from it: `recipe.estep.weighting`, likelihood by default)
         M-step (Ray Train, `weighted_nll` on the selector rows and the generator rows together: one model plays both)
         reload the engines, evaluate on held-out questions, keep the checkpoint only if dev score did not fall
     -> results.csv / results.md (iteration 0 = the warm start) + curve PNGs (selector Recall@K, generator EM / F1).
@@ -160,10 +160,9 @@ def estep_world_questions(world, world_cfg, iteration: int, worlds: int, questio
     """Iteration `iteration`'s E-step questions from other seeded worlds: `questions` from each of `worlds` worlds
     never used before (not the warm start's), with their candidates.
 
-    Why: the E-step needs only question-answer pairs, and the selector learns which passage answers only from many
-    of them. This world's train split holds ~900 single-hop questions; the selector, trained on its own E-step's
-    ~200 gold selections per iteration, did not move (0.23 -> 0.22 -> 0.25 Recall@1 from a random-selection warm
-    start), while SFT on ~3,000 labelled selections from other worlds took it from 0.21 to 0.45 in 250 steps."""
+    Why: the E-step needs only question-answer pairs, and this world's train split holds ~900 single-hop questions.
+    With this world's 200 per iteration the M-step lowered test EM (17.3% -> 12.0%); with 4 x 600 more it rose a
+    little (20.0% -> 22.0% / 21.3%, 300 test questions). The selector did not improve either way (see README)."""
     offsets = [ESTEP_WORLDS + (iteration - 1) * worlds + index for index in range(worlds)]
     out = []
     for fresh, search in other_worlds(world, world_cfg, offsets, seed):
