@@ -13,7 +13,9 @@ import pipelines.config  # noqa: F401
 from agents.selector import SelectorConfig
 from pipelines.recipes.dro import (
     ShuffledSearcher,
+    check_passes,
     informative_rows,
+    pass_rows,
     scale_generator_rows,
     single_hop_questions,
     warm_start_rows,
@@ -28,7 +30,8 @@ TOY = [
     "model.vocab_size=400", "model.hidden_size=64", "model.intermediate_size=128", "model.num_attention_heads=2",
     "model.num_key_value_heads=2", "model.copy_pretrain_steps=0",
     "retriever=bm25", "engine.num_cpus=0.5",
-    "recipe.iterations=1", "recipe.warm_start_questions=12", "recipe.warm_start_steps=6",
+    "recipe.iterations=1", "recipe.warm_start_questions=12", "recipe.warm_start_steps=120",
+    "recipe.warm_start_lr=1e-2",
     "recipe.warm_start_worlds=1", "recipe.warm_start_world_questions=10",
     "recipe.estep_questions=8", "recipe.estep_worlds=1", "recipe.estep_world_questions=4",
     "recipe.dev_questions=4", "recipe.eval_questions=6",
@@ -127,6 +130,34 @@ def test_scale_generator_rows_changes_only_the_generator_weights():
     assert scaled["target"].to_pylist() == table["target"].to_pylist()
 
 
+def test_pass_rows_picks_one_targets_rows_or_all():
+    import pyarrow as pa
+
+    table = pa.table({"target": ["selector", "generator", "selector"], "weight": [0.9, 0.9, 0.1]})
+    assert pass_rows(table, "all") is table
+    assert pass_rows(table, "selector")["weight"].to_pylist() == [0.9, 0.1]
+    assert pass_rows(table, "generator")["target"].to_pylist() == ["generator"]
+    with pytest.raises(ValueError, match="'answers' is not one of"):
+        pass_rows(table, "answers")
+    assert pass_rows(table.slice(0, 1), "generator").num_rows == 0  # run_mstep skips such a pass
+    assert check_passes(("selector", "all")) == ["selector", "all"]
+    with pytest.raises(ValueError, match="mstep_passes is empty"):
+        check_passes([])
+
+
+def test_mstep_skips_a_pass_with_less_than_a_batch_of_rows(tmp_path, capsys):
+    import pyarrow as pa
+
+    from pipelines.recipes.dro import run_mstep
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=["recipe=dro", "trainer.batch_size=4"])
+    table = pa.table({"target": ["generator", "selector", "generator"], "weight": [0.9, 0.9, 0.1]})
+    assert run_mstep(table, ["selector"], "start-checkpoint", tmp_path, cfg) == ("start-checkpoint", [])
+    assert "pass 1 (selector) skipped: the E-step wrote 1 selector rows, fewer than one batch" in capsys.readouterr().out
+    assert not (tmp_path / "ray_train").exists()
+
+
 def test_dro_config_rejects_k_above_n_docs():
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         cfg = compose(config_name="config", overrides=["recipe=dro", "recipe.selector.k=9"])
@@ -159,7 +190,7 @@ def test_dro_recipe_runs_end_to_end_and_resumes(ray_cluster, tmp_path):
 
     estep = records.read_records(tmp_path / "iter-01-dro" / "estep", "weighted_sample")
     assert set(estep.column("target").to_pylist()) <= {"selector", "generator"}
-    assert "generator" in estep.column("target").to_pylist()
+    assert {"selector", "generator"} <= set(estep.column("target").to_pylist())  # the warm start taught the format
     # the M-step trains on the rows that weigh at least recipe.mstep_min_weight of the heaviest
     heaviest = max(estep.column("weight").to_pylist())
     informative = sum(w >= cfg.recipe.mstep_min_weight * heaviest for w in estep.column("weight").to_pylist())
@@ -169,12 +200,22 @@ def test_dro_recipe_runs_end_to_end_and_resumes(ray_cluster, tmp_path):
     assert 0 < sum(i.startswith("world") for i in ids) <= cfg.recipe.estep_world_questions
     import json
 
+    import pyarrow.compute as pc
     import torch
 
+    assert list(cfg.recipe.mstep_passes) == ["selector", "all"]  # the default: two Ray Train runs, in order
     trained = json.loads((tmp_path / "iter-01-dro" / "result.json").read_text())["trained_checkpoint"]
+    assert "/mstep-2-all/" in trained
+    assert json.loads((tmp_path / "iter-01-dro" / "result.json").read_text())["mstep_passes"] == ["selector", "all"]
     state = torch.load(f"{trained}/trainer_state.pt", weights_only=False)
-    # AdamW's own step count includes the warm start's steps: the M-step continued its moments
-    assert float(state["optimizer"]["state"][0]["step"]) == state["step"] + cfg.recipe.warm_start_steps
+    selector_pass = next((tmp_path / "iter-01-dro" / "ray_train" / "mstep-1-selector").glob("checkpoint_*"))
+    first = torch.load(selector_pass / "trainer_state.pt", weights_only=False)
+    selector_rows = estep.filter(pc.greater_equal(estep["weight"], cfg.recipe.mstep_min_weight * heaviest))
+    selector_rows = sum(t == "selector" for t in selector_rows.column("target").to_pylist())
+    assert first["step"] == max(selector_rows, cfg.trainer.batch_size) // cfg.trainer.batch_size  # selector rows only
+    # AdamW's own step count includes the warm start's and the first pass's steps: each pass continued the moments
+    assert float(first["optimizer"]["state"][0]["step"]) == first["step"] + cfg.recipe.warm_start_steps
+    assert float(state["optimizer"]["state"][0]["step"]) == state["step"] + first["step"] + cfg.recipe.warm_start_steps
     warm = json.loads((tmp_path / "iter-00-warm-start" / "result.json").read_text())
     with open(tmp_path / "iter-00-warm-start" / "test_answers.csv") as handle:
         assert len(list(csv.DictReader(handle))) == warm["test"]["questions"] == cfg.recipe.eval_questions

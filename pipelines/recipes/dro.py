@@ -1,11 +1,13 @@
 """The DRO recipe: a listwise selector and its generator, trained jointly by EM over document permutations.
 
     connect -> world -> single-hop questions (each step of the world's decompositions: a sub-question, its answer
-    and the one passage that states it) -> index the passages -> warm start (SFT on scripted selections of the gold
-    passage and scripted answers copied from it) -> for t in 1..T:
+    and the one passage that states it) -> index the passages -> warm start (SFT on scripted answers copied from the
+    gold passage and scripted selections: random labels by default, so relevance is learnt from the generator
+    alone, as in DRO; or the gold passage's) -> for t in 1..T:
         E-step (Ray Data, `run_dro_estep`: m permutations per question sampled from the selector, log p(gold | x, z)
                 scored by the generator, weights from it: `recipe.estep.weighting`, likelihood by default)
-        M-step (Ray Train, `weighted_nll` on the selector rows and the generator rows together: one model plays both)
+        M-step (Ray Train, `weighted_nll` on the selector rows and the generator rows: one model plays both; in one
+                pass on all rows, or in passes, `recipe.mstep_passes`)
         reload the engines, evaluate on held-out questions, keep the checkpoint only if dev score did not fall
     -> results.csv / results.md (iteration 0 = the warm start) + curve PNGs (selector Recall@K, generator EM / F1).
 
@@ -162,7 +164,7 @@ def estep_world_questions(world, world_cfg, iteration: int, worlds: int, questio
 
     Why: the E-step needs only question-answer pairs, and this world's train split holds ~900 single-hop questions.
     With this world's 200 per iteration the M-step lowered test EM (17.3% -> 12.0%); with 4 x 600 more it rose a
-    little (20.0% -> 22.0% / 21.3%, 300 test questions). The selector did not improve either way (see README)."""
+    little (20.0% -> 22.0% / 21.3%, 300 test questions; gold-label warm start, whose selector no E-step moved)."""
     offsets = [ESTEP_WORLDS + (iteration - 1) * worlds + index for index in range(worlds)]
     out = []
     for fresh, search in other_worlds(world, world_cfg, offsets, seed):
@@ -240,6 +242,66 @@ def scale_generator_rows(table, factor: float):
     return table.set_column(table.schema.get_field_index("weight"), "weight", weights)
 
 
+MSTEP_TARGETS = ("all", "selector", "generator")
+
+
+def check_passes(passes: Sequence[str]) -> list[str]:
+    """`recipe.mstep_passes` as a list, or a ValueError naming the bad entry (checked before any E-step runs)."""
+    passes = list(passes)
+    if not passes:
+        raise ValueError("recipe.mstep_passes is empty: name at least one pass (all, selector or generator)")
+    for targets in passes:
+        if targets not in MSTEP_TARGETS:
+            raise ValueError(f"recipe.mstep_passes: {targets!r} is not one of {MSTEP_TARGETS}")
+    return passes
+
+
+def pass_rows(table, targets: str):
+    """The M-step rows one pass trains on: `all`, or only the `selector` / `generator` rows.
+
+    Why passes: trained together, the selector's one label token is swamped by the generator's answer tokens (see
+    `scale_generator_rows`); a pass on the selector rows alone moved it, but alone it made the generator forget its
+    answer format, so a later pass trains the answers again from that checkpoint."""
+    import pyarrow.compute as pc
+
+    check_passes([targets])
+    if targets == "all":
+        return table
+    return table.filter(pc.equal(table["target"], targets))
+
+
+def run_mstep(sampled, passes: Sequence[str], start: str, folder: Path, cfg: DictConfig) -> tuple[str, list[str]]:
+    """The M-step on the E-step's rows `sampled`: one Ray Train run per pass (`recipe.mstep_passes`), each from the
+    previous pass's checkpoint, on its targets' rows that weigh at least `recipe.mstep_min_weight` of their heaviest
+    (never fewer than one batch); returns the last checkpoint. With one pass the run is `mstep` (as before passes
+    existed), else `mstep-<n>-<targets>`, so a rerun resumes the pass it stopped in. Also returns the passes that
+    ran: a pass whose targets have fewer rows than one batch (a policy that wrote no valid permutation has no selector
+    rows) is skipped with a message rather than failing the iteration after its E-step."""
+    from cluster.resources import Placement
+    from pipelines.train import TrainSettings, run_training
+
+    recipe, checkpoint, passes, ran = cfg.recipe, start, check_passes(passes), []
+    for number, targets in enumerate(passes, start=1):
+        chosen = pass_rows(sampled, targets)
+        if chosen.num_rows < cfg.trainer.batch_size:
+            print(f"[M-step] pass {number} ({targets}) skipped: the E-step wrote {chosen.num_rows} {targets} rows, "
+                  f"fewer than one batch (trainer.batch_size={cfg.trainer.batch_size})", flush=True)
+            continue
+        rows = informative_rows(chosen, recipe.mstep_min_weight, cfg.trainer.batch_size)
+        # as in ExSearch: each pass continues the previous policy's AdamW moments (unless switched off)
+        settings = TrainSettings.from_config(cfg.trainer, checkpoint, objective="weighted_nll", lr=recipe.mstep_lr,
+                                             epochs=recipe.mstep_epochs, normalize=recipe.mstep_normalize,
+                                             optimizer_from=checkpoint if recipe.mstep_continue_optimizer else None)
+        name = "mstep" if len(passes) == 1 else f"mstep-{number}-{targets}"
+        print(f"[M-step {name}] weighted_nll on {rows.num_rows} rows", flush=True)
+        trained = run_training(rows, settings, folder, cfg.trainer.num_workers, cfg.trainer.cpus_per_worker,
+                               cfg.trainer.use_gpu, cfg.trainer.max_failures, resume=True, name=name,
+                               placement=Placement.of_trainer(cfg.trainer))
+        checkpoint = str(trained.checkpoint)
+        ran.append(targets)
+    return checkpoint, ran
+
+
 def _dev_score(metrics: dict) -> float:
     """What keep-best compares: the selector's recall and the generator's EM count alike."""
     return metrics["recall"] + metrics["em"]
@@ -261,6 +323,7 @@ def run_dro(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
     world, policy = prepared["world"], Path(prepared["policy"])
     selector_cfg = SelectorConfig(**OmegaConf.to_container(recipe.selector, resolve=True))
     estep_cfg = EStepConfig(**OmegaConf.to_container(recipe.estep, resolve=True))
+    passes = check_passes(recipe.mstep_passes)
     started = time.perf_counter()
 
     index = build_index(world.documents(), cfg.retriever, out / "index")
@@ -319,20 +382,13 @@ def run_dro(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
                                                recipe.estep_world_questions, selector_cfg.n_docs, cfg.seed)
             summary = run_dro_estep(questions, folder / "estep", engines, searcher, current["checkpoint"],
                                     asdict(selector_cfg), estep, config={"iteration": iteration})
-            table = informative_rows(scale_generator_rows(records.read_records(folder / "estep", "weighted_sample"),
-                                                          recipe.mstep_generator_weight), recipe.mstep_min_weight,
-                                     cfg.trainer.batch_size)
-            # as in ExSearch: the M-step continues the previous policy's AdamW moments, weights self-normalised
-            settings = TrainSettings.from_config(cfg.trainer, current["checkpoint"], objective="weighted_nll",
-                                                 lr=recipe.mstep_lr, epochs=recipe.mstep_epochs,
-                                                 optimizer_from=current["checkpoint"] if recipe.mstep_continue_optimizer
-                                                 else None, normalize=recipe.mstep_normalize)
+            sampled = scale_generator_rows(records.read_records(folder / "estep", "weighted_sample"),
+                                           recipe.mstep_generator_weight)
+            table = informative_rows(sampled, recipe.mstep_min_weight, cfg.trainer.batch_size)
             print(f"[dro {iteration}] E-step: {summary.samples} rows, gold passage selected in "
-                  f"{summary.correct_rate:.1%}; M-step (weighted_nll) on {table.num_rows} rows", flush=True)
-            trained = run_training(table, settings, folder, cfg.trainer.num_workers, cfg.trainer.cpus_per_worker,
-                                   cfg.trainer.use_gpu, cfg.trainer.max_failures, resume=True, name="mstep",
-                                   placement=Placement.of_trainer(cfg.trainer))
-            checkpoint = str(trained.checkpoint)
+                  f"{summary.correct_rate:.1%}; M-step (weighted_nll, passes {passes}) on "
+                  f"{table.num_rows} rows", flush=True)
+            checkpoint, passes_run = run_mstep(sampled, passes, current["checkpoint"], folder, cfg)
             pool.reload(checkpoint)
             dev_metrics, _ = evaluate_dro(agent, dev)
             test_metrics, answers = evaluate_dro(agent, test)
@@ -341,7 +397,7 @@ def run_dro(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
             result = write_result(folder, {
                 "checkpoint": checkpoint if kept else current["checkpoint"], "trained_checkpoint": checkpoint,
                 "kept": kept, "dev": dev_metrics, "test": test_metrics, "estep": asdict(summary),
-                "mstep_rows": table.num_rows,
+                "mstep_rows": table.num_rows, "mstep_passes": passes_run,
             })
         if result["kept"]:
             best_dev = max(best_dev, _dev_score(result["dev"]))
