@@ -7,13 +7,17 @@ application `pipelines.serve` deploys on a local Ray cluster, called over HTTP w
 Figures: p50 / p99 latency per request and requests per second, and the ratios served / direct (latency above 1 and
 throughput below 1 are the serving overhead). Errors must be zero: the script exits 1 otherwise. The sides alternate per concurrency (direct, served).
 
-    python bench/serve_latency.py [--requests 200] [--concurrency 1 4 16] [--max-tokens 16]
+    python bench/serve_latency.py [--requests 200] [--concurrency 1 4 16] [--max-tokens 16] [--repeats 1] [--json F]
+
+Ray Serve's own switches come from the environment, as on a cluster: e.g. RAY_SERVE_ENABLE_HA_PROXY=1 serves through
+HAProxy (the suite's serving benchmark measures that variant too, in a process of its own).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import statistics
@@ -61,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--access-log", action="store_true", help="keep Serve's per-request log lines")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved direct/served rounds")
+    parser.add_argument("--json", type=Path, default=None, help="also write every round's figures here")
     return parser.parse_args(argv)
 
 
@@ -141,9 +147,12 @@ def measure(args: argparse.Namespace, repeats: int = 1):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    runs_direct, runs_served, model_cfg = measure(args)
-    direct = {c: runs[0] for c, runs in runs_direct.items()}
-    served = {c: runs[0] for c, runs in runs_served.items()}
+    runs_direct, runs_served, model_cfg = measure(args, args.repeats)
+    if args.json:
+        args.json.write_text(json.dumps({"direct": runs_direct, "served": runs_served, "hidden_size": model_cfg.hidden_size,
+                                         "num_layers": model_cfg.num_layers}))  # fmt: skip
+    direct = {c: runs[-1] for c, runs in runs_direct.items()}
+    served = {c: runs[-1] for c, runs in runs_served.items()}
     print(f"\n{args.requests} chat requests per row, max_tokens={args.max_tokens}, greedy, tiny policy "
           f"({model_cfg.hidden_size}d x {model_cfg.num_layers} layers), 2 CPUs, loopback\n")
     print("| concurrency | served p50 ms | served p99 ms | served req/s | direct p50 ms | direct p99 ms | direct req/s "

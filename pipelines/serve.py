@@ -326,6 +326,7 @@ class Ingress:
         from transformers import AutoTokenizer
 
         self.settings = settings
+        self.loop = asyncio.get_running_loop()  # the agent threads' calls run here (call_many_sync)
         self.handles = {"llm": llm, "registry": registry, "retriever": retriever, "sandbox": sandbox}
         self.api_keys, self.admin_keys = KeyRing(api_digests), KeyRing(admin_digests)
         self.limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
@@ -374,26 +375,11 @@ class Ingress:
         return self.call_many_sync(target, method, [args])[0]
 
     def call_many_sync(self, target: str, method: str, arguments: Sequence[tuple]) -> list:
-        """Calls sent together (so @serve.batch can group them), each awaited with the deadline and one retry."""
-        handle = self._handle(target)
-        timeout = self.settings.request_timeout_s
-        responses = [getattr(handle, method).remote(*args) for args in arguments]
-        results = []
-        for args, response in zip(arguments, responses, strict=True):
-            for attempt in (1, 2):
-                try:
-                    results.append(response.result(timeout_s=timeout))
-                    break
-                except TimeoutError:
-                    raise ApiError(504, f"{target} did not answer within {timeout:g}s", None, "timeout") from None
-                except _REPLICA_GONE:
-                    if attempt == 2:
-                        raise ApiError(503, f"{target} is restarting; retry shortly", None,
-                                       "replica_unavailable") from None  # fmt: skip
-                    response = getattr(handle, method).remote(*args)
-                except Exception as error:  # noqa: BLE001
-                    raise _refusal(target, error) from None
-        return results
+        """Calls from an agent thread, sent together (so @serve.batch can group them), each with `call`'s deadline and
+        retry. They run on the replica's event loop: a handle's router lives there (in Ray Serve's throughput-optimized
+        mode it may not be used from another thread)."""
+        futures = [asyncio.run_coroutine_threadsafe(self.call(target, method, *args), self.loop) for args in arguments]
+        return [future.result() for future in futures]
 
     # ---- endpoints ----------------------------------------------------------------------------------------------
     async def health(self) -> dict:

@@ -107,11 +107,13 @@ def test_launcher_installs_toolseek_as_the_makefile_does(launcher):
     assert set(ClusterConfig().excludes) - {"*.parquet"} <= set(launcher["rsync_exclude"])
 
 
-def test_launcher_starts_every_node_with_token_auth(launcher):
+def test_launcher_starts_every_node_with_token_auth_and_our_serve_env(launcher):
     assert launcher["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    serve_env = [f"{k}={v}" for k, v in ClusterConfig().env_vars.items() if k.startswith("RAY_SERVE_")]
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         (start,) = [c for c in launcher[key] if "ray start" in c]
-        assert "RAY_AUTH_MODE=token ray start" in start, key
+        words = start.split("ray start")[0].split()
+        assert "RAY_AUTH_MODE=token" in words and set(serve_env) <= set(words), key
 
 
 # ---- the image KubeRay runs ----------------------------------------------------------------------------------
@@ -181,6 +183,9 @@ def test_manifest_cluster_matches_pyproject_and_the_placement_resources(name):
         assert advertised == expected, f"{name}: {group_name} advertises {advertised}"
         gpus = container["resources"]["limits"].get("nvidia.com/gpu")
         assert (gpus is not None) == (group_name == "gpu")
+        serve_env = {k: v for k, v in ClusterConfig().env_vars.items() if k.startswith("RAY_SERVE_")}
+        pod_env = {e["name"]: e["value"] for e in container.get("env", [])}
+        assert serve_env and serve_env.items() <= pod_env.items(), f"{name}: {group_name} lacks {serve_env}"
     assert groups["head"]["rayStartParams"]["num-cpus"] == "0"
 
 
