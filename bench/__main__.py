@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.suite import REPO, Result, load_average, machine, report  # noqa: E402  (after the environment above)
+from bench.suite import REPO, CpuMeter, Result, load_average, machine, report  # noqa: E402  (after the environment above)
 
 # name -> module with `run(quick, repeats) -> Result`; the order of `all` (vLLM in-process before Ray; Serve last,
 # since it shuts Serve down).
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                        f"{args.benchmark}.md")  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    load_before, started = load_average(), time.time()
+    load_before, started, meter = load_average(), time.time(), CpuMeter()
     print(f"{machine()}; load average {load_before}; {repeats} interleaved repeats", flush=True)
     results: dict[str, Result] = {}
     failed = []
@@ -70,21 +70,21 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(name)
             results[name] = Result(notes=[f"FAILED: {type(error).__name__}: {str(error)[:300]}"])
         results[name].notes.append(f"took {time.time() - began:.0f} s")
-        write(results, out, args, command, load_before, started, plot=False)
-    text = write(results, out, args, command, load_before, started, plot=True)
+        write(results, out, args, command, load_before, started, meter, plot=False)
+    text = write(results, out, args, command, load_before, started, meter, plot=True)
     print("\n" + text)
     print(f"wrote {out}")
     return 1 if failed else 0
 
 
 def write(results: dict[str, Result], out: Path, args: argparse.Namespace, command: str, load_before: str,
-          started: float, plot: bool) -> str:
+          started: float, meter: CpuMeter, plot: bool) -> str:
     from bench.plot import plot_curves
 
     png = out.with_suffix(".png")
     drawn = plot_curves([c for r in results.values() for c in r.curves], png, machine()) if plot else None
     text = report(results, load_before=load_before, load_after=load_average(), command=command, quick=args.quick,
-                  plot_name=drawn.name if drawn else None, seconds=time.time() - started)
+                  plot_name=drawn.name if drawn else None, seconds=time.time() - started, cpu=meter.use())
     out.write_text(text)
     return text
 

@@ -167,6 +167,86 @@ def load_average() -> str:
     return f"{one:.2f}, {five:.2f}, {fifteen:.2f}"
 
 
+@dataclass
+class CpuUse:
+    """CPU seconds this run's processes and all other processes used while it ran, over `seconds` of wall time."""
+
+    ours_s: float
+    others_s: float
+    seconds: float
+
+    def share(self, cpu_s: float) -> float:
+        return cpu_s / (self.seconds * (os.cpu_count() or 1)) if self.seconds > 0 else 0.0
+
+    def describe(self) -> str:
+        return (f"this run's processes {self.ours_s:.0f} s ({self.share(self.ours_s):.0%} of the cores), other "
+                f"processes {self.others_s:.0f} s ({self.share(self.others_s):.0%})")  # fmt: skip
+
+
+class CpuMeter:
+    """Who used the CPU during the run: every process's CPU time, sampled every few seconds in a thread.
+
+    The load average cannot tell: the suite's own driver, actors and Ray daemons raise it as much as another job does
+    (1.6-2.0 on an idle 2-core machine, 3-4 while Serve answers 16 concurrent requests). Ours are this process and its
+    descendants (the local Ray cluster it starts, with its workers; the serving benchmark's subprocess and its
+    cluster); everything else is another job's. A process born during the run counts whole; one that ends between two
+    samples loses its last interval (a few seconds at most)."""
+
+    def __init__(self, every_s: float = 2.0):
+        import threading
+
+        self.every_s = every_s
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._begun_wall, self._begun = time.time(), time.monotonic()
+        self._previous: dict[tuple[int, float], float] = {}
+        self.ours_s = self.others_s = 0.0
+        self._sample(first=True)
+        self._thread = threading.Thread(target=self._run, name="cpu-meter", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._sample()
+
+    def _sample(self, first: bool = False) -> None:
+        import psutil
+
+        with self._lock:
+            me = psutil.Process()
+            try:
+                ours = {me.pid, *(child.pid for child in me.children(recursive=True))}
+            except psutil.Error:
+                ours = {me.pid}
+            now: dict[tuple[int, float], float] = {}
+            for proc in psutil.process_iter():
+                try:
+                    with proc.oneshot():
+                        key, times = (proc.pid, proc.create_time()), proc.cpu_times()
+                except psutil.Error:
+                    continue
+                now[key] = cpu = times.user + times.system
+                if first:
+                    continue
+                born_during_run = key[1] >= self._begun_wall
+                before = self._previous.get(key, 0.0 if born_during_run else cpu)
+                if key[0] in ours:
+                    self.ours_s += max(0.0, cpu - before)
+                else:
+                    self.others_s += max(0.0, cpu - before)
+            self._previous = now
+
+    def use(self) -> CpuUse:
+        """The totals so far (with a fresh sample)."""
+        self._sample()
+        return CpuUse(self.ours_s, self.others_s, time.monotonic() - self._begun)
+
+    def stop(self) -> CpuUse:
+        self._stop.set()
+        self._thread.join()
+        return self.use()
+
+
 def machine() -> str:
     memory = ""
     try:
@@ -177,21 +257,27 @@ def machine() -> str:
     return f"{os.cpu_count()} cores{memory}"
 
 
+BUSY_SHARE = 0.15
+"""Other processes using more than this share of the cores during the run make its figures suspect."""
+
+
 def report(results: dict[str, Result], *, load_before: str, load_after: str, command: str, quick: bool,
-           plot_name: str | None, seconds: float) -> str:
+           plot_name: str | None, seconds: float, cpu: CpuUse | None = None) -> str:
     """BENCHMARKS.md: header with machine and load, the table, per-benchmark notes, the plot."""
-    # Before the run: other jobs' load. After it the suite's own processes count too (driver, engine and sampler
-    # actors: measured 1.6-2.0 on an otherwise idle 2-core machine), so only well above the core count means others.
+    # Other jobs: the load average before the run (nothing of ours runs yet), and during it the CPU that processes
+    # outside the run used (CpuMeter); the load average after the run counts the suite's own processes too.
     cores = os.cpu_count() or 1
-    busy = float(load_before.split(",")[0]) > 0.75 * cores or float(load_after.split(",")[0]) > 1.5 * cores
+    busy = float(load_before.split(",")[0]) > 0.75 * cores or (cpu is not None and cpu.share(cpu.others_s) > BUSY_SHARE)
     lines = ["# Benchmarks", ""]
     if busy:
-        lines += ["> **Measured under load from other jobs: re-run on an idle machine.** The load average below exceeds",
-                  "> the core count, so absolute figures are low and ratios noisy.", ""]
+        lines += ["> **Measured under load from other jobs: re-run on an idle machine.** Other processes held a share",
+                  "> of the cores (below), so absolute figures are low and ratios noisy.", ""]
     lines += [f"- command: `{command}`" + (" (`--quick`: small sizes)" if quick else ""),
               f"- machine: {machine()}, no GPU",
-              f"- load average (1, 5, 15 min) before: {load_before}; after: {load_after}",
-              f"- Ray workers at nice {os.environ.get('RAY_worker_niceness', '15 (Ray default)')}, the driver (in-process "
+              f"- load average (1, 5, 15 min) before: {load_before}; after: {load_after}"]
+    if cpu is not None:
+        lines += [f"- CPU time during the run: {cpu.describe()}"]
+    lines += [f"- Ray workers at nice {os.environ.get('RAY_worker_niceness', '15 (Ray default)')}, the driver (in-process "
               f"baselines) at nice {os.nice(0)}: at Ray's default of 15, any other job's load takes CPU from the "
               "actor side of a figure and not from its in-process baseline",
               f"- wall time: {seconds / 60:.1f} min", "",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.suite import Curve, Figure, Result, Target, alternate, median, report, spread, table  # noqa: E402
+from bench.suite import (  # noqa: E402
+    CpuMeter,
+    CpuUse,
+    Curve,
+    Figure,
+    Result,
+    Target,
+    alternate,
+    median,
+    report,
+    spread,
+    table,
+)
 
 
 def test_median_and_spread_on_known_numbers():
@@ -70,12 +84,35 @@ def test_report_records_load_and_flags_a_busy_machine():
     idle = report(results, load_before="0.00, 0.00, 0.00", load_after="0.00, 0.00, 0.00", command="c", quick=False,
                   plot_name=None, seconds=1)  # fmt: skip
     assert "idle machine" not in idle and "scaling curves" not in idle
-    cores = os.cpu_count() or 1  # after the run, the suite's own actors may fill the cores: only well above is others'
-    own = report(results, load_before="0.10, 0.10, 0.10", load_after=f"{1.2 * cores:.2f}, 1.00, 1.00", command="c",
-                 quick=False, plot_name=None, seconds=1)  # fmt: skip
-    crowded = report(results, load_before="0.10, 0.10, 0.10", load_after=f"{2 * cores:.2f}, 1.00, 1.00", command="c",
-                     quick=False, plot_name=None, seconds=1)  # fmt: skip
+    cores = os.cpu_count() or 1  # after the run the suite's own processes raise the load: only others' CPU counts
+    own = report(results, load_before="0.10, 0.10, 0.10", load_after=f"{2 * cores:.2f}, 1.00, 1.00", command="c",
+                 quick=False, plot_name=None, seconds=100, cpu=CpuUse(ours_s=180.0 * cores / 2, others_s=1.0,
+                                                                      seconds=100))  # fmt: skip
+    crowded = report(results, load_before="0.10, 0.10, 0.10", load_after="0.50, 0.50, 0.50", command="c",
+                     quick=False, plot_name=None, seconds=100, cpu=CpuUse(ours_s=50.0, others_s=40.0 * cores,
+                                                                          seconds=100))  # fmt: skip
     assert "idle machine" not in own and "idle machine" in crowded
+    assert f"other processes {40 * cores} s (40%)" in crowded
+
+
+def _busy_seconds(seconds: float) -> list[str]:
+    return [sys.executable, "-c", f"import time\nend = time.process_time() + {seconds}\nwhile time.process_time() < end: pass"]
+
+
+def test_cpu_meter_tells_our_processes_from_other_jobs():
+    """A busy child is ours; a busy process that is no descendant of ours (orphaned by a shell that exits at once,
+    as another job's would be) is someone else's."""
+    meter = CpuMeter(every_s=0.1)
+    subprocess.run(_busy_seconds(1.0), check=True)
+    middle = meter.use()
+    assert middle.ours_s >= 0.8 and middle.others_s < 0.5, middle
+    subprocess.run(["sh", "-c", " ".join(map(shlex.quote, _busy_seconds(1.0))) + " &"], check=True)
+    deadline = time.monotonic() + 30
+    while meter.use().others_s - middle.others_s < 0.8 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    end = meter.stop()
+    assert end.others_s - middle.others_s >= 0.8, end
+    assert end.ours_s - middle.ours_s < 0.5, end
 
 
 def test_curve_ideal_is_linear_from_the_first_point(tmp_path):
