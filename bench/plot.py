@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,14 +19,15 @@ def plot_curves(curves: Sequence[Curve], path: Path, machine: str) -> Path | Non
 
     columns = min(3, len(curves))
     rows = -(-len(curves) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 4.2 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 4.6 * rows), squeeze=False)
     for axis, curve in zip(axes.flat, curves, strict=False):
         for name, ys in curve.series.items():
             axis.plot(curve.xs, ys, marker="o", label=name)
         ideal = curve.ideal()
         if ideal is not None:
             axis.plot(curve.xs, ideal, linestyle="--", color="grey", label=f"ideal (linear from {curve.ideal_from})")
-        axis.set_title(f"{curve.title}\n{curve.setup}", fontsize=9)
+        setup = "\n".join(textwrap.wrap(curve.setup, 60))  # long set-ups ran into the next panel's title
+        axis.set_title(f"{curve.title}\n{setup}", fontsize=9)
         axis.set_xlabel(curve.x_label)
         axis.set_ylabel(curve.y_label)
         axis.set_xticks(curve.xs)
