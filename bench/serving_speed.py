@@ -35,7 +35,8 @@ PROFILE = (
     "throughput; not ours to remove without dropping Serve's proxy or the separate ingress. Since (2026-12-06, "
     "idle machine, 200 requests, one round each): Ray Serve's throughput-optimized mode (on by default) took "
     "concurrency 16 from ~55 to ~80 requests/s; HAProxy in place of the Python proxy (opt-in) to ~125 requests/s, "
-    "with p50 at concurrency 1 at 1.08x of the direct call (1.5x without). The ingress -> LLM replica hop remains: "
+    "with p50 at concurrency 1 at 1.08x of the direct call (1.5x without); over the suite's 5 rounds 1.19x and "
+    "1.46x. The ingress -> LLM replica hop remains: "
     "at concurrency 4-16 both Python processes share the 2 cores with the engine, so served p50 stays 2-4x the "
     "direct call, whose 16 requests are one engine batch in one process."
 )
