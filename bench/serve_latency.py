@@ -149,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     runs_direct, runs_served, model_cfg = measure(args, args.repeats)
     if args.json:
-        args.json.write_text(json.dumps({"direct": runs_direct, "served": runs_served, "hidden_size": model_cfg.hidden_size,
-                                         "num_layers": model_cfg.num_layers}))  # fmt: skip
+        args.json.write_text(json.dumps({"direct": runs_direct, "served": runs_served}))
     direct = {c: runs[-1] for c, runs in runs_direct.items()}
     served = {c: runs[-1] for c, runs in runs_served.items()}
     print(f"\n{args.requests} chat requests per row, max_tokens={args.max_tokens}, greedy, tiny policy "

@@ -16,6 +16,8 @@ from bench.serve_latency import measure, parse_args
 from bench.suite import Curve, Figure, Result, Target, ensure_ray, median
 
 TARGET_P50_RATIO = 1.15
+HAPROXY_TIMEOUT_S = 1800
+"""The full-size HAProxy run takes about 3 minutes."""
 
 PROFILE = (
     "where the time goes (per-process CPU seconds and py-spy at 50 Hz, 200-300 requests per concurrency, "
@@ -52,7 +54,10 @@ def haproxy_runs(args, repeats: int) -> tuple[dict, dict]:
         command = [sys.executable, str(Path(__file__).with_name("serve_latency.py")), "--requests", str(args.requests),
                    "--max-tokens", str(args.max_tokens), "--repeats", str(repeats), "--json", str(out),
                    "--concurrency", *map(str, args.concurrency)]  # fmt: skip
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        try:  # a hung server must not hang the suite: the other benchmarks' figures are already written
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=HAPROXY_TIMEOUT_S)
+        except subprocess.TimeoutExpired as expired:
+            raise RuntimeError(f"the HAProxy serving run took over {HAPROXY_TIMEOUT_S} s") from expired
         if not out.exists():
             raise RuntimeError(f"the HAProxy serving run failed (exit {done.returncode}):\n{done.stdout[-3000:]}"
                                f"\n{done.stderr[-3000:]}")  # fmt: skip
