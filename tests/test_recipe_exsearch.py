@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import pipelines.config  # noqa: F401
-from pipelines.recipes.exsearch import _split_train, mstep_rows
+from pipelines.recipes.exsearch import _split_train, demonstration_rows, mstep_rows
 from pipelines.recipes.iterations import estep_questions
 from pipelines.run import prepare
 from tests.conftest import REPO
@@ -21,7 +21,7 @@ TOY = [
     "model.vocab_size=400", "model.hidden_size=64", "model.intermediate_size=128", "model.num_attention_heads=2",
     "model.num_key_value_heads=2", "model.copy_pretrain_steps=10",
     "retriever=bm25", "engine.num_cpus=0.5",
-    "recipe.iterations=1", "recipe.variants=[importance,rejection]", "recipe.warm_start_questions=12",
+    "recipe.iterations=1", "recipe.variants=[importance,rejection,demonstrations]", "recipe.warm_start_questions=12",
     "recipe.warm_start_steps=10", "recipe.warm_start_worlds=1", "recipe.warm_start_world_questions=10",
     "recipe.estep_questions=8", "recipe.dev_questions=4", "recipe.eval_questions=6",
     "recipe.estep.samples_per_question=2", "recipe.estep.shard_size=4", "recipe.estep.batch_size=4",
@@ -39,6 +39,20 @@ def test_mstep_rows_per_variant():
     assert mstep_rows(table, "rejection").num_rows == 1
     with pytest.raises(ValueError, match="'best' is not one of"):
         mstep_rows(table, "best")
+
+
+def test_demonstration_rows_draw_each_demonstration_once_before_any_twice(tmp_path):
+    from pipelines import records
+
+    runs = [{"id": f"q{i}-0", "example_id": f"q{i}", "sample_index": 0, "prompt_ids": [1, 2], "token_ids": [10 + i],
+             "loss_mask": [1], "logprobs": [0.0], "steps": [], "answer": "a", "finish_reason": "answer", "valid": True}
+            for i in range(3)]
+    records.write_records(runs, tmp_path, "trajectory")
+    table = demonstration_rows(tmp_path, 7, seed=0)
+    firsts = [row[0] for row in table.column("token_ids").to_pylist()]
+    assert table.num_rows == 7 and sorted(firsts[:3]) == [10, 11, 12] and sorted(firsts[3:6]) == [10, 11, 12]
+    assert table.column("weight").to_pylist() == [1.0] * 7
+    assert firsts == [row[0] for row in demonstration_rows(tmp_path, 7, seed=0).column("token_ids").to_pylist()]
 
 
 def test_each_iteration_samples_fresh_questions_until_the_pool_runs_out():
@@ -60,10 +74,11 @@ def test_exsearch_recipe_runs_end_to_end_and_resumes(ray_cluster, tmp_path):
         cfg = compose(config_name="config", overrides=[*TOY, f"output_dir={tmp_path}"])
     results = run_exsearch(cfg, tmp_path, prepare(cfg, tmp_path))
     assert [(r["variant"], r["iteration"]) for r in results] == [
-        ("importance", 0), ("rejection", 0), ("importance", 1), ("rejection", 1)]
+        ("importance", 0), ("rejection", 0), ("demonstrations", 0), ("importance", 1), ("rejection", 1),
+        ("demonstrations", 1)]
     with open(tmp_path / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 4 and {"em", "f1", "valid_rate", "mean_searches"} <= set(rows[0])
+    assert len(rows) == 6 and {"em", "f1", "valid_rate", "mean_searches"} <= set(rows[0])
     assert all(0.0 <= float(r["em"]) <= 1.0 for r in rows)
     assert (tmp_path / "curve_em.png").stat().st_size > 1000 and (tmp_path / "results.md").is_file()
     assert (tmp_path / "iter-01-importance" / "estep" / "manifest.json").is_file()
@@ -84,6 +99,11 @@ def test_exsearch_recipe_runs_end_to_end_and_resumes(ray_cluster, tmp_path):
     state = torch.load(f"{trained}/trainer_state.pt", weights_only=False)
     # AdamW's own step count includes the warm start's steps: the M-step continued its moments
     assert float(state["optimizer"]["state"][0]["step"]) == state["step"] + cfg.recipe.warm_start_steps
+    # the control samples nothing: it trains an E-step's worth of the warm start's demonstrations
+    control = json.loads((tmp_path / "iter-01-demonstrations" / "result.json").read_text())
+    assert "estep" not in control and not (tmp_path / "iter-01-demonstrations" / "estep").exists()
+    assert control["mstep_rows"] == cfg.recipe.estep_questions * cfg.recipe.estep.samples_per_question
+    assert (tmp_path / "iter-01-demonstrations" / "mstep_metrics.csv").is_file()
     demos = tmp_path / "iter-00-warm-start" / "demonstrations"
     assert all(records.read_records(demos, "trajectory").column("valid").to_pylist())  # gold runs are valid runs
 

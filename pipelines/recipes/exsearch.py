@@ -4,7 +4,8 @@
     real retriever) -> SFT warm start -> for each M-step variant, for t in 1..T:
         E-step (Ray Data: K samples per question, weights = softmax of log p(gold | x, z))
         M-step (Ray Train: `weighted_nll` for `importance`; plain SFT on every sample for `uniform`; SFT on the
-                samples that reached the gold answer for `rejection`)
+                samples that reached the gold answer for `rejection`; `demonstrations`, the control, skips the
+                E-step and trains as many rows of the warm start's own demonstrations)
         reload the engines, evaluate on held-out questions, keep the checkpoint only if dev EM did not fall
     -> results.csv / results.md (one row per variant and iteration; iteration 0 = the warm start) + curves PNG.
 
@@ -31,7 +32,7 @@ from pipelines.report import markdown_table, plot_curves, write_table
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("importance", "uniform", "rejection")
+VARIANTS = ("importance", "uniform", "rejection", "demonstrations")
 
 
 def _split_train(questions: list[dict], warm: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -62,7 +63,27 @@ def mstep_rows(table: pa.Table, variant: str) -> pa.Table:
                                 pa.array([1.0] * table.num_rows, pa.float32()))
     if variant == "rejection":
         return table.filter(pc.equal(table.column("correct"), True))
+    if variant == "demonstrations":
+        return table
     raise ValueError(f"recipe.variants: {variant!r} is not one of {VARIANTS}")
+
+
+def demonstration_rows(folder: Path, rows: int, seed: int) -> pa.Table:
+    """`rows` of the warm start's demonstrations (a seeded draw, without repeats while they last), weight 1.
+
+    Why: the `demonstrations` control continues the warm start's SFT with the M-step's budget (as many rows as an
+    E-step yields, the same learning rate, decay and AdamW moments) and no sampling at all. The demo's warm start
+    stops at a constant learning rate, so part of any M-step's gain is that decay, not what the loop sampled; this
+    variant measures that part (README: most of it, on the demo)."""
+    table = records.read_records(folder, "trajectory").select(["prompt_ids", "token_ids", "loss_mask"])
+    if table.num_rows == 0:
+        raise ValueError(f"{folder}: no demonstrations to train the `demonstrations` variant on")
+    rng = random.Random(seed)
+    order: list[int] = []
+    while len(order) < rows:
+        order += rng.sample(range(table.num_rows), table.num_rows)
+    picked = table.take(order[:rows])
+    return picked.append_column("weight", pa.array([1.0] * rows, pa.float32()))
 
 
 def gold_runs(questions: list[dict], retriever, tokenizer, demo_cfg) -> list:
@@ -170,21 +191,29 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
             folder = out / f"iter-{iteration:02d}-{variant}"
             result = finished_result(folder)
             if result is None:
-                pool.reload(current["checkpoint"])
-                estep = replace(estep_cfg, seed=cfg.seed * 1000 + iteration)
-                questions = estep_questions(estep_pool, iteration, recipe.estep_questions)
-                if (current["checkpoint"], iteration) in sampled:
-                    reuse_estep(sampled[current["checkpoint"], iteration], folder / "estep")
-                summary = run_exsearch_estep(questions, folder / "estep", engines, retriever, current["checkpoint"],
-                                             asdict(agent_cfg), estep, config={"variant": variant, "iteration": iteration})
-                table = mstep_rows(records.read_records(folder / "estep", "weighted_sample"), variant)
+                summary = None
+                if variant == "demonstrations":  # the control: no E-step (see `demonstration_rows`)
+                    table = demonstration_rows(warm_dir / "demonstrations",
+                                               recipe.estep_questions * estep_cfg.samples_per_question,
+                                               seed=cfg.seed * 1000 + iteration)
+                else:
+                    pool.reload(current["checkpoint"])
+                    estep = replace(estep_cfg, seed=cfg.seed * 1000 + iteration)
+                    questions = estep_questions(estep_pool, iteration, recipe.estep_questions)
+                    if (current["checkpoint"], iteration) in sampled:
+                        reuse_estep(sampled[current["checkpoint"], iteration], folder / "estep")
+                    summary = run_exsearch_estep(questions, folder / "estep", engines, retriever,
+                                                 current["checkpoint"], asdict(agent_cfg), estep,
+                                                 config={"variant": variant, "iteration": iteration})
+                    table = mstep_rows(records.read_records(folder / "estep", "weighted_sample"), variant)
                 objective = "weighted_nll" if variant == "importance" else "sft"
                 # the M-step continues the previous policy's AdamW moments (TrainSettings.optimizer_from)
                 settings = TrainSettings.from_config(cfg.trainer, current["checkpoint"], objective=objective,
                                                      lr=recipe.mstep_lr, optimizer_from=current["checkpoint"],
                                                      normalize=recipe.mstep_normalize)
-                print(f"[{variant} {iteration}] E-step: {summary.samples} samples, correct {summary.correct_rate:.1%}; "
-                      f"M-step ({objective}) on {table.num_rows} rows", flush=True)
+                sampling = (f"E-step: {summary.samples} samples, correct {summary.correct_rate:.1%}" if summary
+                            else "no E-step (the warm start's demonstrations)")
+                print(f"[{variant} {iteration}] {sampling}; M-step ({objective}) on {table.num_rows} rows", flush=True)
                 if table.num_rows >= settings.batch_size:
                     trained = run_training(table, settings, folder, cfg.trainer.num_workers,
                                            cfg.trainer.cpus_per_worker, cfg.trainer.use_gpu, cfg.trainer.max_failures,
@@ -199,10 +228,11 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
                 kept = not recipe.keep_best or dev_metrics["em"] >= best_dev
                 result = write_result(folder, {
                     "checkpoint": checkpoint if kept else current["checkpoint"], "trained_checkpoint": checkpoint,
-                    "kept": kept, "dev": dev_metrics, "test": test_metrics,
-                    "estep": asdict(summary), "mstep_rows": table.num_rows,
+                    "kept": kept, "dev": dev_metrics, "test": test_metrics, "mstep_rows": table.num_rows,
+                    **({"estep": asdict(summary)} if summary else {}),
                 })
-            sampled.setdefault((current["checkpoint"], iteration), folder / "estep")
+            if variant != "demonstrations":
+                sampled.setdefault((current["checkpoint"], iteration), folder / "estep")
             if result["kept"]:
                 best_dev = max(best_dev, result["dev"]["em"])
             current = result
@@ -223,7 +253,9 @@ def _row(result: dict) -> dict:
            "mean_searches": test["mean_searches"], "dev_em": dev["em"], "kept": result.get("kept", True)}
     if "estep" in result:
         row.update(estep_correct=result["estep"]["correct_rate"], estep_valid=result["estep"]["valid_rate"],
-                   weight_entropy=result["estep"]["mean_weight_entropy"], mstep_rows=result["mstep_rows"])
+                   weight_entropy=result["estep"]["mean_weight_entropy"])
+    if "mstep_rows" in result:
+        row["mstep_rows"] = result["mstep_rows"]
     return row
 
 
