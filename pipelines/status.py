@@ -44,7 +44,8 @@ class StepStatus:
     folder: str
     done: bool
     estep: str
-    """`complete (N samples)`, `k shard(s), up to n planned`, `not started`, or `-` (the warm start has none)."""
+    """`complete (N samples)`, `k shard(s), up to n planned`, `not started`, or `-` (the warm start and the
+    `demonstrations` control have none)."""
     train_steps: int
     """Optimizer steps in the iteration's training metrics CSV (the M-step, or the warm start's SFT)."""
     checkpoints: int
@@ -107,7 +108,7 @@ def _step(out: Path, folder_name: str, variant: str, iteration: int, planned_sha
     name = "sft" if warm else "mstep"
     return StepStatus(
         variant=variant, iteration=iteration, folder=folder_name, done=(folder / "result.json").is_file(),
-        estep="-" if warm else _estep(folder, planned_shards), train_steps=_train_steps(folder, name),
+        estep="-" if warm or variant == "demonstrations" else _estep(folder, planned_shards), train_steps=_train_steps(folder, name),
         checkpoints=_checkpoints(folder, name), quarantined=_count_lines(folder / "estep" / QUARANTINE),
     )  # fmt: skip
 
@@ -170,8 +171,9 @@ def summarize(folder: str | Path) -> RunStatus:
         if missing:
             first = missing[0]
             parts = []
-            if first.estep != "not started" or first.train_steps or first.checkpoints:
-                parts.append(f"iteration {first.iteration} of {iterations} unfinished (E-step {first.estep}, M-step "
+            if first.estep not in ("not started", "-") or first.train_steps or first.checkpoints:
+                estep = "" if first.estep == "-" else f"E-step {first.estep}, "
+                parts.append(f"iteration {first.iteration} of {iterations} unfinished ({estep}M-step "
                              f"{first.train_steps} step(s) logged, {first.checkpoints} checkpoint(s))")  # fmt: skip
                 missing = missing[1:]
             if missing:

@@ -170,6 +170,21 @@ def test_everything_done_but_the_report_is_named(run):
     assert line.startswith("report: results.md, results.csv, curve_em.png, curve_f1.png missing")
 
 
+def test_the_demonstrations_control_has_no_estep_to_wait_for(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    _config(out, ["recipe.iterations=2", "recipe.variants=[demonstrations]"])
+    (out / WARM_START).mkdir()
+    write_result(out / WARM_START, _result(0.30, estep=False))
+    (out / "iter-01-demonstrations").mkdir()
+    _train_log(out / "iter-01-demonstrations", "mstep", 2)  # the control's M-step began, then the job stopped
+    status = summarize(out)
+    control = {s.folder: s for s in status.steps}["iter-01-demonstrations"]
+    assert control.estep == "-" and control.train_steps == 2 and not control.done
+    assert status.unfinished == ["demonstrations: iteration 1 of 2 unfinished (M-step 2 step(s) logged, "
+                                 "1 checkpoint(s)); iteration 2 of 2 not started"]
+
+
 def test_not_a_run_folder_is_named(tmp_path, capsys):
     with pytest.raises(NotARunFolderError, match=f"{tmp_path}: no config.yaml"):
         summarize(tmp_path)

@@ -2,7 +2,7 @@
 
     connect -> world -> index its passages -> demonstrations (the gold runs, written by a scripted policy over the
     real retriever) -> SFT warm start -> for each M-step variant, for t in 1..T:
-        E-step (Ray Data: K samples per question, weights = softmax of log p(gold | x, z))
+        E-step (Ray Data: K samples per question, each weighted by p(gold | x, z) ** (1/T): `recipe.estep`)
         M-step (Ray Train: `weighted_nll` for `importance`; plain SFT on every sample for `uniform`; SFT on the
                 samples that reached the gold answer for `rejection`; `demonstrations`, the control, skips the
                 E-step and trains as many rows of the warm start's own demonstrations)
