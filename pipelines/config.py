@@ -68,6 +68,12 @@ class ExSearchRecipeConfig:
     so likelihood weights (mean ~0.2) set each sample's share of the step, not the step's size; uniform and rejection
     rows weigh 1, so for them it is `token`. Measured in-process from a 23% warm start with fresh E-step questions (300
     test questions): importance 23.3 -> 31.7 -> 35.0% with `weighted_token`, 26.3 -> 31.3% with `token`."""
+    estep_worlds: int = 0
+    """Other seeded worlds (not those of the demonstrations) whose train questions form the E-step's pool instead of
+    this world's, their passages indexed beside this world's. Why: 95% of this world's pool is about entities the
+    demonstrations already mention, while every test question is about unseen ones; with fresh names, a sampled run
+    that reaches the gold answer shows the policy copying a name it had not been taught. Measured (README, one run):
+    no gain over the warm start or the `demonstrations` control either way."""
     estep_questions: int = 300
     """Training questions (disjoint from the demonstrations) sampled in each E-step, fresh every iteration while the
     train split lasts (`estep_questions` in pipelines/recipes/exsearch.py)."""

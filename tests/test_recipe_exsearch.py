@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import pipelines.config  # noqa: F401
-from pipelines.recipes.exsearch import _split_train, demonstration_rows, mstep_rows
+from pipelines.recipes.exsearch import _split_train, demonstration_rows, fresh_name_pool, mstep_rows
 from pipelines.recipes.iterations import estep_questions
 from pipelines.run import prepare
 from tests.conftest import REPO
@@ -22,6 +22,7 @@ TOY = [
     "model.num_key_value_heads=2", "model.copy_pretrain_steps=10",
     "retriever=bm25", "engine.num_cpus=0.5",
     "recipe.iterations=1", "recipe.variants=[importance,rejection,demonstrations]", "recipe.warm_start_questions=12",
+    "recipe.estep_worlds=1",
     "recipe.warm_start_steps=10", "recipe.warm_start_worlds=1", "recipe.warm_start_world_questions=10",
     "recipe.estep_questions=8", "recipe.dev_questions=4", "recipe.eval_questions=6",
     "recipe.estep.samples_per_question=2", "recipe.estep.shard_size=4", "recipe.estep.batch_size=4",
@@ -55,6 +56,20 @@ def test_demonstration_rows_draw_each_demonstration_once_before_any_twice(tmp_pa
     assert firsts == [row[0] for row in demonstration_rows(tmp_path, 7, seed=0).column("token_ids").to_pylist()]
 
 
+def test_fresh_name_pool_is_about_other_worlds_and_says_nothing_of_this_one(small_world):
+    documents, questions = fresh_name_pool(small_world, small_world.cfg, 2)
+    names = {doc["title"] for doc in small_world.documents()}
+    ids = {doc["id"] for doc in documents}
+    assert questions and len(ids) == len(documents)
+    assert {doc["id"].split("-doc-")[0] for doc in documents} == {"world20000", "world20001"}
+    assert not any(name in doc["text"] for doc in documents for name in names)
+    assert not any("-dev-" in doc["entity_id"] or "-test-" in doc["entity_id"] for doc in documents)
+    for question in questions:  # answerable from the kept passages, under the prefixed ids
+        assert question["id"].startswith("world2000") and set(question["supporting_passage_ids"]) <= ids
+        assert [hop["passage_id"] for hop in question["decomposition"]] == question["supporting_passage_ids"]
+        assert not any(name in question["question"] for name in names)
+
+
 def test_each_iteration_samples_fresh_questions_until_the_pool_runs_out():
     pool = [{"id": f"q{i}"} for i in range(5)]
     ids = [[q["id"] for q in estep_questions(pool, iteration, 2)] for iteration in (1, 2, 3, 4)]
@@ -72,7 +87,8 @@ def test_exsearch_recipe_runs_end_to_end_and_resumes(ray_cluster, tmp_path):
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         cfg = compose(config_name="config", overrides=[*TOY, f"output_dir={tmp_path}"])
-    results = run_exsearch(cfg, tmp_path, prepare(cfg, tmp_path))
+    prepared = prepare(cfg, tmp_path)
+    results = run_exsearch(cfg, tmp_path, prepared)
     assert [(r["variant"], r["iteration"]) for r in results] == [
         ("importance", 0), ("rejection", 0), ("demonstrations", 0), ("importance", 1), ("rejection", 1),
         ("demonstrations", 1)]
@@ -82,6 +98,9 @@ def test_exsearch_recipe_runs_end_to_end_and_resumes(ray_cluster, tmp_path):
     assert all(0.0 <= float(r["em"]) <= 1.0 for r in rows)
     assert (tmp_path / "curve_em.png").stat().st_size > 1000 and (tmp_path / "results.md").is_file()
     assert (tmp_path / "iter-01-importance" / "estep" / "manifest.json").is_file()
+    # recipe.estep_worlds=1: the E-step asks another world's questions, over an index that holds its passages
+    indexed = json.loads((tmp_path / "index" / "manifest.json").read_text())["count"]
+    assert indexed > len(prepared["world"].documents())
     # both variants start iteration 1 from the warm start: rejection's E-step reuses importance's samples
     shared = json.loads((tmp_path / "iter-01-rejection" / "result.json").read_text())["estep"]
     assert shared["shards_written"] == 0 and shared["shards_reused"] == 2
@@ -90,6 +109,7 @@ def test_exsearch_recipe_runs_end_to_end_and_resumes(ray_cluster, tmp_path):
     sampled = [records.read_records(tmp_path / f"iter-01-{v}" / "estep", "weighted_sample") for v in
                ("importance", "rejection")]
     assert sampled[0].num_rows == 16 and sampled[0].equals(sampled[1])
+    assert all(example.startswith("world20000-") for example in sampled[0].column("example_id").to_pylist())
     with open(tmp_path / "iter-01-importance" / "mstep_metrics.csv") as handle:
         first = next(csv.DictReader(handle))
     assert float(first["lr"]) == pytest.approx(cfg.recipe.mstep_lr)  # the M-step runs at recipe.mstep_lr

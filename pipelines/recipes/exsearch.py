@@ -105,18 +105,49 @@ def extra_world_runs(world, world_cfg, worlds: int, questions: int, tokenizer, d
     """
     from actors.config import RetrieverConfig
     from actors.retriever import LocalRetriever, build_core, doc_table
-    from pipelines.data.world import build_world
 
     names = {doc["title"] for doc in world.documents()}
     base = OmegaConf.to_object(world_cfg) if isinstance(world_cfg, DictConfig) else world_cfg
     runs = []
     for index in range(worlds):
-        other = build_world(replace(base, seed=base.seed + 10_000 + index, dev_questions=1, test_questions=1))
+        other = build_other_world(base, 10_000 + index)
         search = LocalRetriever([build_core(doc_table(other.documents()), RetrieverConfig(kind="bm25"))])
         fresh = [{**q, "id": f"world{other.cfg.seed}-{q['id']}"} for q in other.questions("train")
                  if not any(name in q["question"] for name in names)]
         runs += gold_runs(fresh[:questions], search, tokenizer, demo_cfg)
     return runs
+
+
+def fresh_name_pool(world, world_cfg, worlds: int) -> tuple[list[dict], list[dict]]:
+    """The passages and train questions of `worlds` other seeded worlds, for an E-step over fresh names.
+
+    The worlds' seeds differ from the demonstrations' (`extra_world_runs`), ids get the world's seed as a prefix, and
+    a passage that mentions a name of this world is left out (with the questions it supports), so the shared index
+    never says anything about this world's entities that this world does not.
+    """
+    names = {doc["title"] for doc in world.documents()}
+    base = OmegaConf.to_object(world_cfg) if isinstance(world_cfg, DictConfig) else world_cfg
+    documents, questions = [], []
+    for index in range(worlds):
+        other = build_other_world(base, 20_000 + index)
+        prefix = f"world{other.cfg.seed}-"
+        kept = {doc["id"] for doc in other.documents()
+                if not any(f"-{split}-" in doc["entity_id"] for split in ("dev", "test"))
+                and not any(name in doc["text"] for name in names)}
+        documents += [{**doc, "id": prefix + doc["id"]} for doc in other.documents() if doc["id"] in kept]
+        for q in other.questions("train"):
+            if set(q["supporting_passage_ids"]) <= kept and not any(name in q["question"] for name in names):
+                decomposition = [{**hop, "passage_id": prefix + hop["passage_id"]} for hop in q["decomposition"]]
+                questions.append({**q, "id": prefix + q["id"], "decomposition": decomposition,
+                                  "supporting_passage_ids": [prefix + p for p in q["supporting_passage_ids"]]})
+    return documents, questions
+
+
+def build_other_world(base, offset: int):
+    """Another seeded world of the same sizes (other names), with no dev or test questions to build."""
+    from pipelines.data.world import build_world
+
+    return build_world(replace(base, seed=base.seed + offset, dev_questions=1, test_questions=1))
 
 
 def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
@@ -135,12 +166,18 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
     estep_cfg = EStepConfig(**OmegaConf.to_container(recipe.estep, resolve=True))
     started = time.perf_counter()
 
-    index = build_index(world.documents(), cfg.retriever, out / "index")
+    documents = world.documents()
+    if recipe.estep_worlds:
+        fresh_documents, fresh_questions = fresh_name_pool(world, cfg.data.world, recipe.estep_worlds)
+        documents += fresh_documents
+    index = build_index(documents, cfg.retriever, out / "index")
     retriever = ShardedRetriever.launch(index, cfg.retriever)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(policy, local_files_only=True)
     demo_questions, estep_pool = _split_train(world.questions("train"), recipe.warm_start_questions, cfg.seed)
+    if recipe.estep_worlds:
+        estep_pool = random.Random(cfg.seed).sample(fresh_questions, len(fresh_questions))
     dev = world.questions("dev")[: recipe.dev_questions]
     test = world.questions("test")[: recipe.eval_questions]
 
