@@ -208,7 +208,9 @@ def test_dro_recipe_runs_end_to_end_and_resumes(ray_cluster, tmp_path):
     assert "/mstep-2-all/" in trained
     assert json.loads((tmp_path / "iter-01-dro" / "result.json").read_text())["mstep_passes"] == ["selector", "all"]
     state = torch.load(f"{trained}/trainer_state.pt", weights_only=False)
-    selector_pass = next((tmp_path / "iter-01-dro" / "ray_train" / "mstep-1-selector").glob("checkpoint_*"))
+    # Ray Train also writes checkpoint_manager_snapshot.json beside the checkpoint folders
+    selector_pass = next(p for p in (tmp_path / "iter-01-dro" / "ray_train" / "mstep-1-selector").glob("checkpoint_*")
+                         if p.is_dir())
     first = torch.load(selector_pass / "trainer_state.pt", weights_only=False)
     selector_rows = estep.filter(pc.greater_equal(estep["weight"], cfg.recipe.mstep_min_weight * heaviest))
     selector_rows = sum(t == "selector" for t in selector_rows.column("target").to_pylist())
