@@ -108,7 +108,8 @@ def _step(out: Path, folder_name: str, variant: str, iteration: int, planned_sha
     name = "sft" if warm else "mstep"
     return StepStatus(
         variant=variant, iteration=iteration, folder=folder_name, done=(folder / "result.json").is_file(),
-        estep="-" if warm or variant == "demonstrations" else _estep(folder, planned_shards), train_steps=_train_steps(folder, name),
+        estep="-" if warm or variant == "demonstrations" else _estep(folder, planned_shards),
+        train_steps=_train_steps(folder, name),
         checkpoints=_checkpoints(folder, name), quarantined=_count_lines(folder / "estep" / QUARANTINE),
     )  # fmt: skip
 
