@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import pipelines.config  # noqa: F401
-from pipelines.recipes.exsearch import _split_train, demonstration_rows, fresh_name_pool, mstep_rows
+from pipelines.recipes.exsearch import _split_train, demonstration_rows, fresh_name_pool, mstep_rows, within_hops
 from pipelines.recipes.iterations import estep_questions
 from pipelines.run import prepare
 from tests.conftest import REPO
@@ -40,6 +40,18 @@ def test_mstep_rows_per_variant():
     assert mstep_rows(table, "rejection").num_rows == 1
     with pytest.raises(ValueError, match="'best' is not one of"):
         mstep_rows(table, "best")
+    with pytest.raises(ValueError, match="has no E-step"):
+        mstep_rows(table, "demonstrations")
+
+
+def test_within_hops_keeps_the_short_chains_and_the_comparisons(small_world):
+    questions = small_world.questions("train")
+    short = within_hops(questions, 2)
+    assert {q["hops"] for q in questions} == {2, 3, 4}
+    assert short and all(q["hops"] <= 2 for q in short)
+    assert {q["kind"] for q in short} == {"bridge", "comparison"}
+    assert len(short) == sum(q["hops"] == 2 for q in questions)
+    assert within_hops(questions, 0) == questions
 
 
 def test_demonstration_rows_draw_each_demonstration_once_before_any_twice(tmp_path):

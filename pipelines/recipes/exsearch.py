@@ -64,7 +64,7 @@ def mstep_rows(table: pa.Table, variant: str) -> pa.Table:
     if variant == "rejection":
         return table.filter(pc.equal(table.column("correct"), True))
     if variant == "demonstrations":
-        return table
+        raise ValueError("the `demonstrations` control has no E-step: its rows come from `demonstration_rows`")
     raise ValueError(f"recipe.variants: {variant!r} is not one of {VARIANTS}")
 
 
@@ -95,7 +95,12 @@ def gold_runs(questions: list[dict], retriever, tokenizer, demo_cfg) -> list:
     return [t for q, t in zip(questions, runs, strict=True) if grounded(t, q, demo_cfg)]
 
 
-def extra_world_runs(world, world_cfg, worlds: int, questions: int, tokenizer, demo_cfg) -> list:
+def within_hops(questions: list[dict], max_hops: int) -> list[dict]:
+    """The questions of at most `max_hops` hops (all of them for 0): which questions may have demonstrations."""
+    return [q for q in questions if not max_hops or q["hops"] <= max_hops]
+
+
+def extra_world_runs(world, world_cfg, worlds: int, questions: int, tokenizer, demo_cfg, max_hops: int = 0) -> list:
     """Gold runs in `worlds` other seeded worlds (same sizes, other names), each searched with an in-process BM25.
 
     Why: a tiny model copies a name it has never seen only after it has copied many different names; the ~200 topic
@@ -106,13 +111,13 @@ def extra_world_runs(world, world_cfg, worlds: int, questions: int, tokenizer, d
     from actors.config import RetrieverConfig
     from actors.retriever import LocalRetriever, build_core, doc_table
 
-    names = {doc["title"] for doc in world.documents()}
-    base = OmegaConf.to_object(world_cfg) if isinstance(world_cfg, DictConfig) else world_cfg
+    names = world_names(world)
     runs = []
     for index in range(worlds):
-        other = build_other_world(base, 10_000 + index)
+        other = build_other_world(world_cfg, 10_000 + index)
         search = LocalRetriever([build_core(doc_table(other.documents()), RetrieverConfig(kind="bm25"))])
-        fresh = [{**q, "id": f"world{other.cfg.seed}-{q['id']}"} for q in other.questions("train")
+        fresh = [{**q, "id": f"world{other.cfg.seed}-{q['id']}"}
+                 for q in within_hops(other.questions("train"), max_hops)
                  if not any(name in q["question"] for name in names)]
         runs += gold_runs(fresh[:questions], search, tokenizer, demo_cfg)
     return runs
@@ -125,28 +130,34 @@ def fresh_name_pool(world, world_cfg, worlds: int) -> tuple[list[dict], list[dic
     a passage that mentions a name of this world is left out (with the questions it supports), so the shared index
     never says anything about this world's entities that this world does not.
     """
-    names = {doc["title"] for doc in world.documents()}
-    base = OmegaConf.to_object(world_cfg) if isinstance(world_cfg, DictConfig) else world_cfg
+    names = world_names(world)
     documents, questions = [], []
     for index in range(worlds):
-        other = build_other_world(base, 20_000 + index)
+        other = build_other_world(world_cfg, 20_000 + index)
         prefix = f"world{other.cfg.seed}-"
-        kept = {doc["id"] for doc in other.documents()
+        kept = [doc for doc in other.documents()
                 if not any(f"-{split}-" in doc["entity_id"] for split in ("dev", "test"))
-                and not any(name in doc["text"] for name in names)}
-        documents += [{**doc, "id": prefix + doc["id"]} for doc in other.documents() if doc["id"] in kept]
+                and not any(name in doc["text"] for name in names)]
+        documents += [{**doc, "id": prefix + doc["id"]} for doc in kept]
+        kept_ids = {doc["id"] for doc in kept}
         for q in other.questions("train"):
-            if set(q["supporting_passage_ids"]) <= kept and not any(name in q["question"] for name in names):
+            if set(q["supporting_passage_ids"]) <= kept_ids and not any(name in q["question"] for name in names):
                 decomposition = [{**hop, "passage_id": prefix + hop["passage_id"]} for hop in q["decomposition"]]
                 questions.append({**q, "id": prefix + q["id"], "decomposition": decomposition,
                                   "supporting_passage_ids": [prefix + p for p in q["supporting_passage_ids"]]})
     return documents, questions
 
 
-def build_other_world(base, offset: int):
+def world_names(world) -> set[str]:
+    """Every entity name of `world` (its passages' titles): what another world's rows must never mention."""
+    return {doc["title"] for doc in world.documents()}
+
+
+def build_other_world(world_cfg, offset: int):
     """Another seeded world of the same sizes (other names), with no dev or test questions to build."""
     from pipelines.data.world import build_world
 
+    base = OmegaConf.to_object(world_cfg) if isinstance(world_cfg, DictConfig) else world_cfg
     return build_world(replace(base, seed=base.seed + offset, dev_questions=1, test_questions=1))
 
 
@@ -176,6 +187,7 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
 
     tokenizer = AutoTokenizer.from_pretrained(policy, local_files_only=True)
     demo_questions, estep_pool = _split_train(world.questions("train"), recipe.warm_start_questions, cfg.seed)
+    demo_questions = within_hops(demo_questions, recipe.warm_start_max_hops)
     if recipe.estep_worlds:
         estep_pool = random.Random(cfg.seed).sample(fresh_questions, len(fresh_questions))
     dev = world.questions("dev")[: recipe.dev_questions]
@@ -190,7 +202,7 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
         demo_cfg = replace(agent_cfg, max_steps=max([agent_cfg.max_steps, *(q["hops"] for q in demo_questions)]))
         demos = gold_runs(demo_questions, retriever, tokenizer, demo_cfg)
         extra = extra_world_runs(world, cfg.data.world, recipe.warm_start_worlds, recipe.warm_start_world_questions,
-                                 tokenizer, demo_cfg)
+                                 tokenizer, demo_cfg, recipe.warm_start_max_hops)
         rows = [{"prompt_ids": t.prompt_ids, "token_ids": t.token_ids, "loss_mask": t.loss_mask, "weight": 1.0}
                 for t in demos + extra]
         records.write_records([t.to_record() for t in demos + extra], warm_dir / "demonstrations", "trajectory")
