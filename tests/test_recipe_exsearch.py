@@ -44,6 +44,15 @@ def test_mstep_rows_per_variant():
         mstep_rows(table, "demonstrations")
 
 
+def test_em_by_group_splits_comparisons_from_chains_of_each_length():
+    from pipelines.qa_eval import em_by_group
+
+    rows = [{"kind": "bridge", "hops": 2, "em": 1.0}, {"kind": "bridge", "hops": 2, "em": 0.0},
+            {"kind": "bridge", "hops": 3, "em": 0.0}, {"kind": "comparison", "hops": 2, "em": 1.0}]
+    assert em_by_group(rows) == {"2-hop": 0.5, "3-hop": 0.0, "comparison": 1.0}
+    assert em_by_group([]) == {}
+
+
 def test_within_hops_keeps_the_short_chains_and_the_comparisons(small_world):
     questions = small_world.questions("train")
     short = within_hops(questions, 2)
@@ -109,6 +118,18 @@ def test_exsearch_recipe_runs_end_to_end_and_resumes(ray_cluster, tmp_path):
     assert len(rows) == 6 and {"em", "f1", "valid_rate", "mean_searches"} <= set(rows[0])
     assert all(0.0 <= float(r["em"]) <= 1.0 for r in rows)
     assert (tmp_path / "curve_em.png").stat().st_size > 1000 and (tmp_path / "results.md").is_file()
+    with open(tmp_path / "results_by_question.csv") as handle:  # test EM per question kind, from the answers
+        by_group = list(csv.DictReader(handle))
+    with open(tmp_path / "iter-01-importance" / "test_answers.csv") as handle:
+        answers = list(csv.DictReader(handle))
+    assert [(r["variant"], r["iteration"]) for r in by_group] == [(r["variant"], r["iteration"]) for r in rows]
+    row = next(r for r in by_group if (r["variant"], r["iteration"]) == ("importance", "1"))
+    expected: dict[str, list[float]] = {}
+    for answer in answers:
+        kind = "comparison" if answer["kind"] == "comparison" else f"{answer['hops']}-hop"
+        expected.setdefault(kind, []).append(float(answer["em"]))
+    assert {k for k in row if row[k] != ""} == {"variant", "iteration", "all", *expected}
+    assert {k: float(row[k]) for k in expected} == pytest.approx({k: sum(v) / len(v) for k, v in expected.items()})
     assert (tmp_path / "iter-01-importance" / "estep" / "manifest.json").is_file()
     # recipe.estep_worlds=1: the E-step asks another world's questions, over an index that holds its passages
     indexed = json.loads((tmp_path / "index" / "manifest.json").read_text())["count"]

@@ -168,7 +168,7 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
     from cluster.resources import Placement
     from pipelines.generate import EStepConfig, run_exsearch_estep
     from pipelines.index import build_index
-    from pipelines.qa_eval import evaluate_exsearch
+    from pipelines.qa_eval import em_by_group, evaluate_exsearch
     from pipelines.train import TrainSettings, run_training
 
     recipe = cfg.recipe
@@ -219,6 +219,7 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
         agent = ExSearchAgent(EnginePool(engines, cfg.engine.request_timeout_s), retriever, tokenizer, agent_cfg)
         dev_metrics, _ = evaluate_exsearch(agent, dev)
         test_metrics, rows_out = evaluate_exsearch(agent, test)
+        test_metrics["em_by_group"] = em_by_group(rows_out)
         write_table(rows_out, warm_dir, "test_answers")
         warm = write_result(warm_dir, {"checkpoint": str(trained.checkpoint), "dev": dev_metrics, "test": test_metrics,
                                   "demonstrations": len(rows)})
@@ -227,6 +228,7 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
     pool = EnginePool(engines, cfg.engine.request_timeout_s)
     agent = ExSearchAgent(pool, retriever, tokenizer, agent_cfg)
     results = [{"variant": variant, "iteration": 0, **_row(warm)} for variant in recipe.variants]
+    by_group = [_group_row(variant, 0, warm) for variant in recipe.variants]
     print(markdown_table(results[:1]), flush=True)
 
     # ---- EM iterations, one chain per variant ---------------------------------------------------------------
@@ -273,6 +275,7 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
                 pool.reload(checkpoint)
                 dev_metrics, _ = evaluate_exsearch(agent, dev)
                 test_metrics, answers = evaluate_exsearch(agent, test)
+                test_metrics["em_by_group"] = em_by_group(answers)
                 write_table(answers, folder, "test_answers")
                 kept = not recipe.keep_best or dev_metrics["em"] >= best_dev
                 result = write_result(folder, {
@@ -286,13 +289,14 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
                 best_dev = max(best_dev, result["dev"]["em"])
             current = result
             results.append({"variant": variant, "iteration": iteration, **_row(result)})
+            by_group.append(_group_row(variant, iteration, result))
             print(markdown_table(results[-1:]), flush=True)
     for engine in engines:
         import ray
 
         ray.kill(engine)
     retriever.close()
-    report(results, out, time.perf_counter() - started)
+    report(results, by_group, out, time.perf_counter() - started)
     return results
 
 
@@ -308,9 +312,17 @@ def _row(result: dict) -> dict:
     return row
 
 
-def report(results: list[dict], out: Path, seconds: float) -> None:
-    """results.csv / results.md and one learning-curve PNG per metric (a line per variant)."""
+def _group_row(variant: str, iteration: int, result: dict) -> dict:
+    """Test EM per question kind (`em_by_group`; empty for results written before it existed) and overall."""
+    return {"variant": variant, "iteration": iteration, **result["test"].get("em_by_group", {}),
+            "all": result["test"]["em"]}
+
+
+def report(results: list[dict], by_group: list[dict], out: Path, seconds: float) -> None:
+    """results.csv / results.md, results_by_question.* (test EM per question kind: `em_by_group`) and one
+    learning-curve PNG per metric (a line per variant)."""
     write_table(results, out, "results", title=f"ExSearch: held-out test metrics per iteration ({seconds / 60:.1f} min)")
+    write_table(by_group, out, "results_by_question", title="ExSearch: held-out test EM per question kind")
     for metric in ("em", "f1"):
         series = {}
         for row in results:
