@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from pipelines import records
 from pipelines.data.export import world_folders
 from pipelines.generate import EStepSummary, _write_shard
-from pipelines.recipes.exsearch import _row, report
+from pipelines.recipes.exsearch import _group_row, _row, report
 from pipelines.recipes.iterations import write_result
 from pipelines.report import write_table
 from pipelines.shards import write_quarantine
@@ -141,7 +141,9 @@ def test_complete_run_agrees_with_the_recipes_results_table(run, capsys):
     # the rows run_exsearch builds and reports: the warm start once per variant, then each variant's iterations
     expected = [{"variant": v, "iteration": 0, **_row(run["warm"])} for v in chains]
     expected += [{"variant": v, "iteration": i, **_row(r)} for v, rs in chains.items() for i, r in enumerate(rs, 1)]
-    report(expected, out, 60.0)
+    by_group = [_group_row(v, 0, run["warm"]) for v in chains]
+    by_group += [_group_row(v, i, r) for v, rs in chains.items() for i, r in enumerate(rs, 1)]
+    report(expected, by_group, out, 60.0)
     status = summarize(out)
     assert status.metrics == expected
     assert status.done and status.unfinished == []
