@@ -161,6 +161,18 @@ def build_other_world(world_cfg, offset: int):
     return build_world(replace(base, seed=base.seed + offset, dev_questions=1, test_questions=1))
 
 
+def evaluate_policy(agent, dev: list[dict], test: list[dict], folder: Path) -> tuple[dict, dict]:
+    """Dev and test metrics of the agent's current policy (test with EM per question kind, `em_by_group`); the test
+    answers go to `folder/test_answers.*`. One place for the warm start and every iteration, so they are scored alike."""
+    from pipelines.qa_eval import em_by_group, evaluate_exsearch
+
+    dev_metrics, _ = evaluate_exsearch(agent, dev)
+    test_metrics, answers = evaluate_exsearch(agent, test)
+    test_metrics["em_by_group"] = em_by_group(answers)
+    write_table(answers, folder, "test_answers")
+    return dev_metrics, test_metrics
+
+
 def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
     from actors.llm import EnginePool, start_engines
     from actors.retriever import ShardedRetriever
@@ -168,7 +180,6 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
     from cluster.resources import Placement
     from pipelines.generate import EStepConfig, run_exsearch_estep
     from pipelines.index import build_index
-    from pipelines.qa_eval import em_by_group, evaluate_exsearch
     from pipelines.train import TrainSettings, run_training
 
     recipe = cfg.recipe
@@ -217,10 +228,7 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
                                placement=Placement.of_trainer(cfg.trainer))
         engines = start_engines(trained.checkpoint, cfg.engine, cfg.model.dtype)
         agent = ExSearchAgent(EnginePool(engines, cfg.engine.request_timeout_s), retriever, tokenizer, agent_cfg)
-        dev_metrics, _ = evaluate_exsearch(agent, dev)
-        test_metrics, rows_out = evaluate_exsearch(agent, test)
-        test_metrics["em_by_group"] = em_by_group(rows_out)
-        write_table(rows_out, warm_dir, "test_answers")
+        dev_metrics, test_metrics = evaluate_policy(agent, dev, test, warm_dir)
         warm = write_result(warm_dir, {"checkpoint": str(trained.checkpoint), "dev": dev_metrics, "test": test_metrics,
                                   "demonstrations": len(rows)})
     if engines is None:
@@ -273,10 +281,7 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
                 else:  # rejection sampling can keep too little to train on: the policy stays as it was
                     checkpoint = current["checkpoint"]
                 pool.reload(checkpoint)
-                dev_metrics, _ = evaluate_exsearch(agent, dev)
-                test_metrics, answers = evaluate_exsearch(agent, test)
-                test_metrics["em_by_group"] = em_by_group(answers)
-                write_table(answers, folder, "test_answers")
+                dev_metrics, test_metrics = evaluate_policy(agent, dev, test, folder)
                 kept = not recipe.keep_best or dev_metrics["em"] >= best_dev
                 result = write_result(folder, {
                     "checkpoint": checkpoint if kept else current["checkpoint"], "trained_checkpoint": checkpoint,
