@@ -75,6 +75,11 @@ class ExSearchRecipeConfig:
     so likelihood weights (mean ~0.2) set each sample's share of the step, not the step's size; uniform and rejection
     rows weigh 1, so for them it is `token`. Measured in-process from a 23% warm start with fresh E-step questions (300
     test questions): importance 23.3 -> 31.7 -> 35.0% with `weighted_token`, 26.3 -> 31.3% with `token`."""
+    mstep_replay_rows: int = 0
+    """Rows of the warm start's demonstrations (weight 1) trained beside every E-step's samples in each M-step
+    (`with_replay`); the `demonstrations` control then trains as many more rows, so every variant takes as many steps.
+    Why: the control shows that continuing the warm start's SFT gains as much as an EM iteration; with replay every
+    variant gets that part, and the difference from the control is what sampling added."""
     estep_worlds: int = 0
     """Other seeded worlds (not those of the demonstrations) whose train questions form the E-step's pool instead of
     this world's, their passages indexed beside this world's. Why: 95% of this world's pool is about entities the
@@ -174,6 +179,11 @@ class DRORecipeConfig:
     estep_questions: int = 200
     """Training questions (disjoint from the warm start's) sampled in each E-step, fresh every iteration while the
     train split lasts."""
+    mstep_replay_rows: int = 0
+    """Rows of the warm start's demonstrations (weight 1) trained beside every E-step's samples in each M-step
+    (`with_replay`); the `demonstrations` control then trains as many more rows, so every variant takes as many steps.
+    Why: the control shows that continuing the warm start's SFT gains as much as an EM iteration; with replay every
+    variant gets that part, and the difference from the control is what sampling added."""
     estep_worlds: int = 0
     """Other seeded worlds whose single-hop train questions join each E-step (`estep_world_questions` each), new
     worlds every iteration: question-answer pairs are all the E-step needs, and one world has too few of them."""

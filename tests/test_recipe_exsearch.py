@@ -9,7 +9,14 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import pipelines.config  # noqa: F401
-from pipelines.recipes.exsearch import _split_train, demonstration_rows, fresh_name_pool, mstep_rows, within_hops
+from pipelines.recipes.exsearch import (
+    _split_train,
+    demonstration_rows,
+    fresh_name_pool,
+    mstep_rows,
+    with_replay,
+    within_hops,
+)
 from pipelines.recipes.iterations import estep_questions
 from pipelines.run import prepare
 from tests.conftest import REPO
@@ -22,7 +29,7 @@ TOY = [
     "model.num_key_value_heads=2", "model.copy_pretrain_steps=10",
     "retriever=bm25", "engine.num_cpus=0.5",
     "recipe.iterations=1", "recipe.variants=[importance,rejection,demonstrations]", "recipe.warm_start_questions=12",
-    "recipe.estep_worlds=1",
+    "recipe.estep_worlds=1", "recipe.mstep_replay_rows=4",
     "recipe.warm_start_steps=10", "recipe.warm_start_worlds=1", "recipe.warm_start_world_questions=10",
     "recipe.estep_questions=8", "recipe.dev_questions=4", "recipe.eval_questions=6",
     "recipe.estep.samples_per_question=2", "recipe.estep.shard_size=4", "recipe.estep.batch_size=4",
@@ -75,6 +82,26 @@ def test_demonstration_rows_draw_each_demonstration_once_before_any_twice(tmp_pa
     assert table.num_rows == 7 and sorted(firsts[:3]) == [10, 11, 12] and sorted(firsts[3:6]) == [10, 11, 12]
     assert table.column("weight").to_pylist() == [1.0] * 7
     assert firsts == [row[0] for row in demonstration_rows(tmp_path, 7, seed=0).column("token_ids").to_pylist()]
+
+
+def test_with_replay_puts_weight_one_demonstrations_beside_the_weighted_samples(tmp_path):
+    import pyarrow as pa
+
+    from pipelines import records
+
+    runs = [{"id": f"q{i}-0", "example_id": f"q{i}", "sample_index": 0, "prompt_ids": [1, 2], "token_ids": [10 + i],
+             "loss_mask": [1], "logprobs": [0.0], "steps": [], "answer": "a", "finish_reason": "answer", "valid": True}
+            for i in range(2)]
+    records.write_records(runs, tmp_path, "trajectory")
+    sampled = pa.table({"example_id": ["s0", "s1"], "prompt_ids": pa.array([[3], [4]], pa.list_(pa.int32())),
+                        "token_ids": pa.array([[5], [6]], pa.list_(pa.int32())),
+                        "loss_mask": pa.array([[1], [1]], pa.list_(pa.int8())),
+                        "weight": pa.array([0.9, 0.01], pa.float32()), "correct": [True, False]})
+    mixed = with_replay(mstep_rows(sampled, "importance"), demonstration_rows(tmp_path, 3, seed=0))
+    assert mixed.column_names == ["prompt_ids", "token_ids", "loss_mask", "weight"]
+    assert mixed.column("weight").to_pylist() == pytest.approx([0.9, 0.01, 1.0, 1.0, 1.0])
+    firsts = [row[0] for row in mixed.column("token_ids").to_pylist()]
+    assert firsts[:2] == [5, 6] and sorted(firsts[2:4]) == [10, 11] and firsts[4] in (10, 11)
 
 
 def test_fresh_name_pool_is_about_other_worlds_and_says_nothing_of_this_one(small_world):
@@ -155,7 +182,11 @@ def test_exsearch_recipe_runs_end_to_end_and_resumes(ray_cluster, tmp_path):
     # the control samples nothing: it trains an E-step's worth of the warm start's demonstrations
     control = json.loads((tmp_path / "iter-01-demonstrations" / "result.json").read_text())
     assert "estep" not in control and not (tmp_path / "iter-01-demonstrations" / "estep").exists()
-    assert control["mstep_rows"] == cfg.recipe.estep_questions * cfg.recipe.estep.samples_per_question
+    sampled_rows = cfg.recipe.estep_questions * cfg.recipe.estep.samples_per_question
+    assert control["mstep_rows"] == sampled_rows + cfg.recipe.mstep_replay_rows
+    # every sampled variant trains its samples and as many replayed demonstrations (recipe.mstep_replay_rows)
+    assert json.loads((tmp_path / "iter-01-importance" / "result.json").read_text())["mstep_rows"] == \
+        sampled_rows + cfg.recipe.mstep_replay_rows
     assert (tmp_path / "iter-01-demonstrations" / "mstep_metrics.csv").is_file()
     demos = tmp_path / "iter-00-warm-start" / "demonstrations"
     assert all(records.read_records(demos, "trajectory").column("valid").to_pylist())  # gold runs are valid runs

@@ -86,6 +86,18 @@ def demonstration_rows(folder: Path, rows: int, seed: int) -> pa.Table:
     return picked.append_column("weight", pa.array([1.0] * rows, pa.float32()))
 
 
+def with_replay(table: pa.Table, replay: pa.Table) -> pa.Table:
+    """An E-step's M-step rows (`mstep_rows`) followed by `replay`, rows of the warm start's demonstrations (weight 1).
+
+    Why: the M-step's decay continues the warm start's SFT, which by itself lifts held-out EM as much as a whole
+    iteration (the `demonstrations` control); replaying demonstrations beside the sampled runs (as OpenRLHF's and
+    InstructGPT's pretraining-mix term does) gives every variant that part, so what the variants add beyond the
+    control is what the loop sampled."""
+    columns = ["prompt_ids", "token_ids", "loss_mask", "weight"]
+    sampled = table.select(columns)
+    return pa.concat_tables([sampled, replay.select(columns).cast(sampled.schema)])
+
+
 def gold_runs(questions: list[dict], retriever, tokenizer, demo_cfg) -> list:
     """The scripted gold runs of `questions` over `retriever`, keeping those that saw every hop's gold passage."""
     from agents.exsearch import DemonstrationPolicy, ExSearchAgent, grounded
@@ -251,10 +263,11 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
             result = finished_result(folder)
             if result is None:
                 summary = None
+                draw_seed = cfg.seed * 1000 + iteration
                 if variant == "demonstrations":  # the control: no E-step (see `demonstration_rows`)
-                    table = demonstration_rows(warm_dir / "demonstrations",
-                                               recipe.estep_questions * estep_cfg.samples_per_question,
-                                               seed=cfg.seed * 1000 + iteration)
+                    table = demonstration_rows(warm_dir / "demonstrations", recipe.estep_questions
+                                               * estep_cfg.samples_per_question + recipe.mstep_replay_rows,
+                                               seed=draw_seed)
                 else:
                     pool.reload(current["checkpoint"])
                     estep = replace(estep_cfg, seed=cfg.seed * 1000 + iteration)
@@ -265,6 +278,9 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
                                                  current["checkpoint"], asdict(agent_cfg), estep,
                                                  config={"variant": variant, "iteration": iteration})
                     table = mstep_rows(records.read_records(folder / "estep", "weighted_sample"), variant)
+                    if recipe.mstep_replay_rows:
+                        table = with_replay(table, demonstration_rows(warm_dir / "demonstrations",
+                                                                      recipe.mstep_replay_rows, seed=draw_seed))
                 objective = "weighted_nll" if variant == "importance" else "sft"
                 # the M-step continues the previous policy's AdamW moments (TrainSettings.optimizer_from)
                 settings = TrainSettings.from_config(cfg.trainer, current["checkpoint"], objective=objective,
