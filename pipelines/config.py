@@ -79,7 +79,10 @@ class ExSearchRecipeConfig:
     """Rows of the warm start's demonstrations (weight 1) trained beside every E-step's samples in each M-step
     (`with_replay`); the `demonstrations` control then trains as many more rows, so every variant takes as many steps.
     Why: the control shows that continuing the warm start's SFT gains as much as an EM iteration; with replay every
-    variant gets that part, and the difference from the control is what sampling added."""
+    variant gets that part, and the difference from the control is what sampling added. Measured (README, AMD, three
+    warm starts, 600 rows): importance gains 11.7-18.7 points in two iterations (8.3 -> 20.0% on the default world,
+    13.7% without replay), uniform 5-8 fewer, and the control as much or more (19.0, 20.0, 54.7% vs 20.0, 20.0,
+    48.7%): sampling added nothing the demonstrations do not teach."""
     estep_worlds: int = 0
     """Other seeded worlds (not those of the demonstrations) whose train questions form the E-step's pool instead of
     this world's, their passages indexed beside this world's. Why: 95% of this world's pool is about entities the
@@ -183,7 +186,10 @@ class DRORecipeConfig:
     """Rows of the warm start's demonstrations (weight 1) trained beside every E-step's samples in each M-step
     (`with_replay`); the `demonstrations` control then trains as many more rows, so every variant takes as many steps.
     Why: the control shows that continuing the warm start's SFT gains as much as an EM iteration; with replay every
-    variant gets that part, and the difference from the control is what sampling added."""
+    variant gets that part, and the difference from the control is what sampling added. Measured (README, AMD, three
+    warm starts, 600 rows): importance gains 11.7-18.7 points in two iterations (8.3 -> 20.0% on the default world,
+    13.7% without replay), uniform 5-8 fewer, and the control as much or more (19.0, 20.0, 54.7% vs 20.0, 20.0,
+    48.7%): sampling added nothing the demonstrations do not teach."""
     estep_worlds: int = 0
     """Other seeded worlds whose single-hop train questions join each E-step (`estep_world_questions` each), new
     worlds every iteration: question-answer pairs are all the E-step needs, and one world has too few of them."""
