@@ -182,14 +182,6 @@ class DRORecipeConfig:
     estep_questions: int = 200
     """Training questions (disjoint from the warm start's) sampled in each E-step, fresh every iteration while the
     train split lasts."""
-    mstep_replay_rows: int = 0
-    """Rows of the warm start's demonstrations (weight 1) trained beside every E-step's samples in each M-step
-    (`with_replay`); the `demonstrations` control then trains as many more rows, so every variant takes as many steps.
-    Why: the control shows that continuing the warm start's SFT gains as much as an EM iteration; with replay every
-    variant gets that part, and the difference from the control is what sampling added. Measured (README, AMD, three
-    warm starts, 600 rows): importance gains 11.7-18.7 points in two iterations (8.3 -> 20.0% on the default world,
-    13.7% without replay), uniform 5-8 fewer, and the control as much or more (19.0, 20.0, 54.7% vs 20.0, 20.0,
-    48.7%): sampling added nothing the demonstrations do not teach."""
     estep_worlds: int = 0
     """Other seeded worlds whose single-hop train questions join each E-step (`estep_world_questions` each), new
     worlds every iteration: question-answer pairs are all the E-step needs, and one world has too few of them."""

@@ -179,7 +179,7 @@ def test_exsearch_recipe_runs_end_to_end_and_resumes(ray_cluster, tmp_path):
     state = torch.load(f"{trained}/trainer_state.pt", weights_only=False)
     # AdamW's own step count includes the warm start's steps: the M-step continued its moments
     assert float(state["optimizer"]["state"][0]["step"]) == state["step"] + cfg.recipe.warm_start_steps
-    # the control samples nothing: it trains an E-step's worth of the warm start's demonstrations
+    # the control samples nothing: it trains an E-step's worth of the warm start's demonstrations, and the replay's
     control = json.loads((tmp_path / "iter-01-demonstrations" / "result.json").read_text())
     assert "estep" not in control and not (tmp_path / "iter-01-demonstrations" / "estep").exists()
     sampled_rows = cfg.recipe.estep_questions * cfg.recipe.estep.samples_per_question
