@@ -33,11 +33,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _listener(port: int) -> psutil.Process | None:
-    for conn in psutil.net_connections(kind="tcp"):
-        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
-            return psutil.Process(conn.pid)
-    return None
+def _listener(port: int, wait_s: float = 10.0) -> str | None:
+    """The name of the process listening on `port`. HAProxy reloads itself (a new process takes the port, the old one
+    exits) when it learns the ingress replica's port, so a listener found a moment ago can be gone: look again."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            for conn in psutil.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+                    return psutil.Process(conn.pid).name()
+        except psutil.NoSuchProcess:
+            pass
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.2)
 
 
 @pytest.mark.slow
@@ -63,7 +72,7 @@ def test_serving_through_haproxy_checks_keys_and_answers(tiny_policy, tmp_path):
     try:
         assert ready.wait(240), "the server did not start:\n" + "".join(output[-40:])
         listener = _listener(port)
-        assert listener is not None and listener.name() == "haproxy", f"port {port} is served by {listener}"
+        assert listener == "haproxy", f"port {port} is served by {listener}"
         url = f"http://127.0.0.1:{port}"
         body = {"model": "toolseek-policy", "messages": [{"role": "user", "content": "Who founded Acme?"}],
                 "max_tokens": 4, "temperature": 0}  # fmt: skip
