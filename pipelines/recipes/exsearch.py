@@ -263,14 +263,14 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
             result = finished_result(folder)
             if result is None:
                 summary = None
-                draw_seed = cfg.seed * 1000 + iteration
+                seed = cfg.seed * 1000 + iteration  # this iteration's E-step sampling and demonstration draws
                 if variant == "demonstrations":  # the control: no E-step (see `demonstration_rows`)
                     table = demonstration_rows(warm_dir / "demonstrations", recipe.estep_questions
                                                * estep_cfg.samples_per_question + recipe.mstep_replay_rows,
-                                               seed=draw_seed)
+                                               seed=seed)
                 else:
                     pool.reload(current["checkpoint"])
-                    estep = replace(estep_cfg, seed=cfg.seed * 1000 + iteration)
+                    estep = replace(estep_cfg, seed=seed)
                     questions = estep_questions(estep_pool, iteration, recipe.estep_questions)
                     if (current["checkpoint"], iteration) in sampled:
                         reuse_estep(sampled[current["checkpoint"], iteration], folder / "estep")
@@ -280,7 +280,7 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
                     table = mstep_rows(records.read_records(folder / "estep", "weighted_sample"), variant)
                     if recipe.mstep_replay_rows:
                         table = with_replay(table, demonstration_rows(warm_dir / "demonstrations",
-                                                                      recipe.mstep_replay_rows, seed=draw_seed))
+                                                                      recipe.mstep_replay_rows, seed=seed))
                 objective = "weighted_nll" if variant == "importance" else "sft"
                 # the M-step continues the previous policy's AdamW moments (TrainSettings.optimizer_from)
                 settings = TrainSettings.from_config(cfg.trainer, current["checkpoint"], objective=objective,
