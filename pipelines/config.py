@@ -44,8 +44,8 @@ class ExSearchRecipeConfig:
     variants: list[str] = field(default_factory=lambda: ["importance", "uniform"])
     """M-steps run side by side from the same warm start: `importance` (weighted NLL), `uniform` (plain SFT on every
     sample), `rejection` (SFT on the samples that reached the gold answer), and the control `demonstrations` (no
-    E-step: SFT on as many rows of the warm start's own demonstrations, same learning rate and decay), which shows how
-    much of a gain the M-step's learning-rate decay alone gives."""
+    E-step: SFT on as many rows of the warm start's own demonstrations as the others train, samples and replay, with
+    the same learning rate and decay), which shows how much of a gain continuing the warm start's SFT alone gives."""
     warm_start_questions: int = 300
     """Training questions whose scripted gold runs form the warm start's demonstrations."""
     warm_start_worlds: int = 6

@@ -72,9 +72,10 @@ def demonstration_rows(folder: Path, rows: int, seed: int) -> pa.Table:
     """`rows` of the warm start's demonstrations (a seeded draw, without repeats while they last), weight 1.
 
     Why: the `demonstrations` control continues the warm start's SFT with the M-step's budget (as many rows as an
-    E-step yields, the same learning rate, decay and AdamW moments) and no sampling at all. The demo's warm start
-    stops at a constant learning rate, so part of any M-step's gain is that decay, not what the loop sampled; this
-    variant measures that part (README: most of it, on the demo)."""
+    E-step yields plus `recipe.mstep_replay_rows`, the same learning rate, decay and AdamW moments) and no sampling at
+    all; the sampled variants' replay (`with_replay`) is drawn here too. The demo's warm start stops at a constant
+    learning rate, so part of any M-step's gain is that decay, not what the loop sampled; this variant measures that
+    part (README: all of it, on the demo)."""
     table = records.read_records(folder, "trajectory").select(["prompt_ids", "token_ids", "loss_mask"])
     if table.num_rows == 0:
         raise ValueError(f"{folder}: no demonstrations to train the `demonstrations` variant on")
