@@ -241,7 +241,7 @@ def run_estep(
             fn_constructor_args=sampler_args,
             batch_size=estep.batch_size,
             batch_format="pyarrow",
-            concurrency=min(estep.concurrency, -(-len(todo) // estep.batch_size)),
+            compute=ray.data.ActorPoolStrategy(size=min(estep.concurrency, -(-len(todo) // estep.batch_size))),
             num_cpus=0.1,  # the sampler mostly waits on engine and retriever actors
         )
         buffered: dict[int, list[pa.Table]] = {i: [] for i in pending}

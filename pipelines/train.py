@@ -417,6 +417,39 @@ def quiet_report_log() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def run_worker_steps(trainer, checkpoint_every: int, report_every: int) -> None:
+    """One Ray Train worker's part, whatever it trains (`PolicyTrainer`, `EmbedderTrainer`): restore the last
+    checkpoint if any, step to the end, report in bundles, and checkpoint every `checkpoint_every` steps and at the end
+    (rank 0 writes it; every rank reports, as Ray Train requires)."""
+    import ray
+    import ray.train
+
+    context = ray.train.get_context()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            trainer.load(folder)
+    history: list[dict] = []
+    while trainer.step_index < trainer.total_steps:
+        history.append(trainer.step())
+        step = trainer.step_index
+        save = step == trainer.total_steps or (checkpoint_every and step % checkpoint_every == 0)
+        # A report costs a round trip to the controller (up to its ~2 s poll), so steps are reported in bundles.
+        if not save and step % max(1, report_every):
+            continue
+        metrics = {**history[-1], "history": history, "node_id": ray.get_runtime_context().get_node_id()}
+        history = []
+        if save:
+            with tempfile.TemporaryDirectory() as folder:
+                if context.get_world_rank() == 0:
+                    trainer.save(folder)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+                else:
+                    ray.train.report(metrics, checkpoint=None)
+        else:
+            ray.train.report(metrics)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """What each Ray Train worker runs: build the trainer, restore the last checkpoint if any, step, report."""
     import ray
@@ -434,30 +467,7 @@ def train_loop_per_worker(config: dict) -> None:
         settings, examples, context.get_world_rank(), context.get_world_size(), _ray_all_reduce,
         wrap=lambda model: ray.train.torch.prepare_model(model, move_to_device=True),
     )
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            trainer.load(folder)
-    history: list[dict] = []
-    while trainer.step_index < trainer.total_steps:
-        history.append(trainer.step())
-        step = trainer.step_index
-        save = step == trainer.total_steps or (settings.checkpoint_every and step % settings.checkpoint_every == 0)
-        # A report costs a round trip to the controller (up to its ~2 s poll), so steps are reported in bundles.
-        if not save and step % max(1, settings.report_every):
-            continue
-        node = ray.get_runtime_context().get_node_id()
-        metrics = {**history[-1], "history": history, "node_id": node}
-        history = []
-        if save:
-            with tempfile.TemporaryDirectory() as folder:
-                if context.get_world_rank() == 0:
-                    trainer.save(folder)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-                else:
-                    ray.train.report(metrics, checkpoint=None)
-        else:
-            ray.train.report(metrics)
+    run_worker_steps(trainer, settings.checkpoint_every, settings.report_every)
 
 
 def _metrics_callback(path: Path):

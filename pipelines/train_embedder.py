@@ -23,7 +23,6 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -207,7 +206,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipelines.train import _ray_all_reduce, quiet_report_log
+    from pipelines.train import _ray_all_reduce, quiet_report_log, run_worker_steps
 
     quiet_report_log()
     settings = EmbedderSettings(**config["settings"])
@@ -216,28 +215,7 @@ def train_loop_per_worker(config: dict) -> None:
     rows = list(ray.train.get_dataset_shard("train").iter_rows())
     trainer = EmbedderTrainer(settings, rows, context.get_world_rank(), context.get_world_size(), _ray_all_reduce,
                               wrap=lambda model: ray.train.torch.prepare_model(model, move_to_device=True))
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            trainer.load(folder)
-    history: list[dict] = []
-    while trainer.step_index < trainer.total_steps:
-        history.append(trainer.step())
-        step = trainer.step_index
-        save = step == trainer.total_steps or (settings.checkpoint_every and step % settings.checkpoint_every == 0)
-        if not save and step % max(1, settings.report_every):
-            continue
-        metrics = {**history[-1], "history": history, "node_id": ray.get_runtime_context().get_node_id()}
-        history = []
-        if save:
-            with tempfile.TemporaryDirectory() as folder:
-                if context.get_world_rank() == 0:
-                    trainer.save(folder)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-                else:
-                    ray.train.report(metrics, checkpoint=None)
-        else:
-            ray.train.report(metrics)
+    run_worker_steps(trainer, settings.checkpoint_every, settings.report_every)
 
 
 @dataclass

@@ -1111,7 +1111,7 @@ def run_ttpa_generation(tasks: Sequence[Mapping], out_dir: str | os.PathLike, en
             fn_constructor_args=(list(engines), sandbox_arg, specs, str(model_path), asdict(cfg)),
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
-            concurrency=cfg.concurrency,
+            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
             num_cpus=0.1,  # the sampler mostly waits on engine and sandbox actors
         )
         buffered: dict[int, dict[str, dict]] = {i: {} for i in pending}  # by task id: a retried batch counts once

