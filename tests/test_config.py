@@ -80,3 +80,27 @@ def test_each_recipe_has_its_own_schema_and_runner():
     assert "warm_start_stepz" in f"{caught.value} {caught.value.__cause__}"
     with pytest.raises(ValueError, match="recipe.name='nope'"):
         recipe_runner("nope")
+
+
+def _defaults(schema) -> dict:
+    import dataclasses
+
+    values = {}
+    for f in dataclasses.fields(schema):
+        if f.default is not dataclasses.MISSING:
+            values[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            values[f.name] = f.default_factory()
+    return values
+
+
+def test_trainer_schema_and_worker_settings_share_their_defaults():
+    """`trainer:` (the Hydra schema) and `TrainSettings` (what `run_training` sends each worker, also built directly by
+    recipes and tests) declare the same knobs twice; a default changed in one only would train differently by path."""
+    from pipelines.config import TrainerConfig
+    from pipelines.train import TrainSettings
+
+    schema, settings = _defaults(TrainerConfig), _defaults(TrainSettings)
+    shared = schema.keys() & settings.keys()
+    assert {"lr", "lr_schedule", "batch_size", "normalize", "objective", "seed"} <= shared
+    assert {name: (schema[name], settings[name]) for name in shared if schema[name] != settings[name]} == {}
