@@ -55,10 +55,11 @@ class ExSearchRecipeConfig:
     warm_start_max_hops: int = 0
     """Demonstrations only of questions with at most this many hops (0 = every question): ExSearch's premise, where
     the questions the loop must learn have gold answers but no demonstrations; the E-step's pool keeps every hop count,
-    so only the loop can teach the longer chains (the `demonstrations` control cannot). Measured (README, one run, 2 ->
-    2,564 demonstrations, 1,000-step cosine): the tiny policy never finds a longer chain by sampling (E-step: 0 of 280
-    3-hop samples and 1 of 360 4-hop reached the gold answer), so test EM on them stays 0 (12.7 -> 12.3, 11.3%); a
-    policy that already generalises somewhat (a pretrained model) is what this setting is for."""
+    so only the loop can teach the longer chains (the `demonstrations` control cannot). Measured
+    (docs/results/exsearch_study.md, one run, 2 -> 2,564 demonstrations, 1,000-step cosine): the tiny policy never
+    finds a longer chain by sampling (E-step: 0 of 280 3-hop samples and 1 of 360 4-hop reached the gold answer), so
+    test EM on them stays 0 (12.7 -> 12.3, 11.3%); a policy that already generalises somewhat (a pretrained model) is
+    what this setting is for."""
     warm_start_steps: int = 500
     warm_start_lr: float = 1e-3
     warm_start_schedule: str = "constant"
@@ -88,7 +89,8 @@ class ExSearchRecipeConfig:
     this world's, their passages indexed beside this world's. Why: 95% of this world's pool is about entities the
     demonstrations already mention, while every test question is about unseen ones; with fresh names, a sampled run
     that reaches the gold answer shows the policy copying a name it had not been taught. Measured with 2 worlds
-    (README, one run): no gain, importance 24.7 -> 24.3, 19.7% test EM, the `demonstrations` control 23.7, 24.7%."""
+    (docs/results/exsearch_study.md, one run): no gain, importance 24.7 -> 24.3, 19.7% test EM, the `demonstrations`
+    control 23.7, 24.7%."""
     estep_questions: int = 300
     """Training questions (disjoint from the demonstrations) sampled in each E-step, fresh every iteration while the
     train split lasts (`estep_questions` in pipelines/recipes/exsearch.py)."""

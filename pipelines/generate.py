@@ -55,7 +55,7 @@ class EStepConfig:
     """`posterior`: a softmax over the question's K samples, the self-normalised estimate of p(z | x, y); every question
     weighs 1 in all, so one whose samples all missed still trains on its least-bad sample. `likelihood`: p(y | x, z)
     itself (tempered by `weight_temperature`), the unbiased estimate of the gradient of p(y | x); samples that missed
-    weigh almost nothing. Measured on the tiny demo policy: see README (ExSearch demo)."""
+    weigh almost nothing. Measured on the tiny demo policy: docs/results/exsearch_study.md."""
 
     def __post_init__(self):
         if self.weighting not in WEIGHTINGS:
