@@ -14,8 +14,8 @@ from pipelines.recipes.exsearch import (
     demonstration_rows,
     fresh_name_pool,
     mstep_rows,
+    with_hops,
     with_replay,
-    within_hops,
 )
 from pipelines.recipes.iterations import estep_questions
 from pipelines.run import prepare
@@ -60,14 +60,16 @@ def test_em_by_group_splits_comparisons_from_chains_of_each_length():
     assert em_by_group([]) == {}
 
 
-def test_within_hops_keeps_the_short_chains_and_the_comparisons(small_world):
+def test_with_hops_keeps_the_chosen_hop_counts_and_the_comparisons_with_two(small_world):
     questions = small_world.questions("train")
-    short = within_hops(questions, 2)
     assert {q["hops"] for q in questions} == {2, 3, 4}
-    assert short and all(q["hops"] <= 2 for q in short)
+    short = with_hops(questions, [2])
+    assert short and all(q["hops"] == 2 for q in short)
     assert {q["kind"] for q in short} == {"bridge", "comparison"}
-    assert len(short) == sum(q["hops"] == 2 for q in questions)
-    assert within_hops(questions, 0) == questions
+    gap = with_hops(questions, [2, 4])
+    assert {q["hops"] for q in gap} == {2, 4}
+    assert len(gap) == sum(q["hops"] != 3 for q in questions)
+    assert with_hops(questions, []) == questions
 
 
 def test_demonstration_rows_draw_each_demonstration_once_before_any_twice(tmp_path):

@@ -19,6 +19,7 @@ import logging
 import random
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -108,12 +109,13 @@ def gold_runs(questions: list[dict], retriever, tokenizer, demo_cfg) -> list:
     return [t for q, t in zip(questions, runs, strict=True) if grounded(t, q, demo_cfg)]
 
 
-def within_hops(questions: list[dict], max_hops: int) -> list[dict]:
-    """The questions of at most `max_hops` hops (all of them for 0): which questions may have demonstrations."""
-    return [q for q in questions if not max_hops or q["hops"] <= max_hops]
+def with_hops(questions: list[dict], hops: Sequence[int]) -> list[dict]:
+    """The questions whose hop count is in `hops` (all of them when it is empty): which may have demonstrations."""
+    return [q for q in questions if not hops or q["hops"] in hops]
 
 
-def extra_world_runs(world, world_cfg, worlds: int, questions: int, tokenizer, demo_cfg, max_hops: int = 0) -> list:
+def extra_world_runs(world, world_cfg, worlds: int, questions: int, tokenizer, demo_cfg,
+                     hops: Sequence[int] = ()) -> list:
     """Gold runs in `worlds` other seeded worlds (same sizes, other names), each searched with an in-process BM25.
 
     Why: a tiny model copies a name it has never seen only after it has copied many different names; the ~200 topic
@@ -130,7 +132,7 @@ def extra_world_runs(world, world_cfg, worlds: int, questions: int, tokenizer, d
         other = build_other_world(world_cfg, 10_000 + index)
         search = LocalRetriever([build_core(doc_table(other.documents()), RetrieverConfig(kind="bm25"))])
         fresh = [{**q, "id": f"world{other.cfg.seed}-{q['id']}"}
-                 for q in within_hops(other.questions("train"), max_hops)
+                 for q in with_hops(other.questions("train"), hops)
                  if not any(name in q["question"] for name in names)]
         runs += gold_runs(fresh[:questions], search, tokenizer, demo_cfg)
     return runs
@@ -211,7 +213,7 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
 
     tokenizer = AutoTokenizer.from_pretrained(policy, local_files_only=True)
     demo_questions, estep_pool = _split_train(world.questions("train"), recipe.warm_start_questions, cfg.seed)
-    demo_questions = within_hops(demo_questions, recipe.warm_start_max_hops)
+    demo_questions = with_hops(demo_questions, list(recipe.warm_start_hops))
     if recipe.estep_worlds:
         estep_pool = random.Random(cfg.seed).sample(fresh_questions, len(fresh_questions))
     dev = world.questions("dev")[: recipe.dev_questions]
@@ -226,7 +228,7 @@ def run_exsearch(cfg: DictConfig, out: Path, prepared: dict) -> list[dict]:
         demo_cfg = replace(agent_cfg, max_steps=max([agent_cfg.max_steps, *(q["hops"] for q in demo_questions)]))
         demos = gold_runs(demo_questions, retriever, tokenizer, demo_cfg)
         extra = extra_world_runs(world, cfg.data.world, recipe.warm_start_worlds, recipe.warm_start_world_questions,
-                                 tokenizer, demo_cfg, recipe.warm_start_max_hops)
+                                 tokenizer, demo_cfg, list(recipe.warm_start_hops))
         rows = [{"prompt_ids": t.prompt_ids, "token_ids": t.token_ids, "loss_mask": t.loss_mask, "weight": 1.0}
                 for t in demos + extra]
         records.write_records([t.to_record() for t in demos + extra], warm_dir / "demonstrations", "trajectory")
